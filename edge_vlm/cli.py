@@ -1,0 +1,203 @@
+"""The `edge-vlm` command. Thin: parses flags into config objects, calls the library, formats
+results and turns edge-vlm errors into messages and exit codes. Heavy imports happen inside
+the subcommands, so `edge-vlm --help` is instant and never imports torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  edge-vlm export --bits 4 -o nano-q4            # built-in model -> 4-bit bundle
+  edge-vlm run nano-q4 --image shape.png --prompt "what color is the shape?"
+  edge-vlm eval nano-q4 --limit 200              # easy-VQA accuracy of the bundle
+  edge-vlm eval nano --limit 200                 # ... and of the unquantized torch reference
+  edge-vlm inspect nano-q4                       # manifest + sha256 of every file
+
+exit codes: 0 ok, 2 bad input, 3 bad bundle, 4 bad source, 5 export failed, 6 device unavailable"""
+
+
+def _add_runtime_flags(p):
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: GPU when onnxruntime-gpu / a CUDA llama.cpp are installed, else CPU (says so)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="LLM context size in tokens (default 2048)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-vlm", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Export MiniGPT-4-family vision-language models to small, "
+                                             "validated bundles and run them on CPUs, 8 GB GPUs and Jetsons.",
+                                 epilog=EPILOG)
+    from edge_vlm import __version__
+
+    ap.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="source model -> bundle (vision ONNX + quantized GGUF LLM + manifest)",
+                       description="Convert a model to a bundle. The vision encoder + projection become one ONNX "
+                                   "file (validated against torch at batch sizes other than the traced one); the "
+                                   "LLM becomes a GGUF quantized by llama.cpp (validated against torch on a real "
+                                   "image). The bundle appears only when everything passed.")
+    p.add_argument("source", nargs="?", default=None,
+                   help="built-in model name or folder with edge-vlm-source.json (default: nano, the built-in model)")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=4,
+                   help="4 -> Q4_K_M, 8 -> Q8_0, 16 -> F16 (default 4)")
+    p.add_argument("--quant", help="any llama.cpp type instead of --bits (Q4_0, Q5_K_M, Q6_K, F32, ...)")
+    p.add_argument("-o", "--out", required=True, help="bundle folder to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON when done")
+
+    p = sub.add_parser("run", help="answer a question about an image with a bundle (streams tokens)")
+    p.add_argument("bundle")
+    p.add_argument("--image", required=True, help="image file (PNG/JPEG/...; any mode, converted to RGB)")
+    p.add_argument("--prompt", required=True, help="question or instruction about the image")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 before loading (default: sizes)")
+    _add_runtime_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest and verify every file's sha256")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a bundle or the torch reference on a VQA set")
+    p.add_argument("target", nargs="?", default=None,
+                   help="bundle folder, or a source (built-in name / folder) to evaluate the fp32 torch reference")
+    p.add_argument("--dataset", default="easy-vqa", help="easy-vqa, or a folder with questions.json + images/")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="first N questions of a fixed seeded shuffle")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed for question order")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="also write the full result (with every answer) to this JSON file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("align", help="train the built-in model's projection (MiniGPT-4 stage 1 on easy-VQA)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="edge_vlm/models/nano", help="where projection.safetensors and the curve go")
+    p.add_argument("--cache-dir", default=".cache/align", help="feature cache and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --cache-dir")
+    p.add_argument("--threads", type=int, default=0)
+    return ap
+
+
+def cmd_export(a):
+    from edge_vlm.export.run import ExportConfig, run
+    from edge_vlm.manifest import load_manifest
+
+    out = run(ExportConfig(source=a.source, out=a.out, bits=a.bits, quant=a.quant, force=a.force,
+                           threads=a.threads), progress=not a.json)
+    m = load_manifest(out)
+    if a.json:
+        print(m.to_json(), end="")
+    else:
+        total = sum(f["bytes"] for f in m.files.values())
+        q = m.llm.quant
+        print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {q['requested']} ({q['bits_per_weight']} bits/weight: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in q["tensor_types"].items())
+              + f"); vision ONNX max |diff| vs torch {max(m.validation['vision']['max_abs_diff'].values()):.2g}; "
+              f"LLM top-1 agreement vs torch {m.validation['llm']['top1_agreement']:.0%}")
+
+
+def cmd_run(a):
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+    from edge_vlm.runtime.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
+    cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify="sha256" if a.verify else "size")
+    with Pipeline.load(a.bundle, cfg) as p:
+        for note in p.device.notes:
+            print(note, file=sys.stderr)
+        stream = None if a.json else (lambda s: print(s, end="", flush=True))
+        r = p.answer(a.image, a.prompt, sampling, on_piece=stream)
+    if a.json:
+        print(json.dumps({"bundle": a.bundle, "image": a.image, "prompt": a.prompt, "text": r.text,
+                          "stop_reason": r.stats.stop_reason, "prompt_tokens": r.stats.prompt_tokens,
+                          "image_tokens": r.stats.image_tokens, "generated_tokens": r.stats.generated_tokens,
+                          "timings_ms": r.timings_ms, "device": p.device.summary}, indent=2))
+    else:
+        print()
+
+
+def cmd_inspect(a):
+    from edge_vlm.manifest import load_manifest, verify_files
+
+    m = load_manifest(a.bundle)
+    rows = verify_files(a.bundle, m, hashes=True)
+    if a.json:
+        print(m.to_json(), end="")
+        return
+    q = m.llm.quant
+    print(f"edge-vlm bundle {a.bundle} (format {m.format_version}, made by edge-vlm {m.edge_vlm_version})")
+    print(f"  family      {m.family}: {m.source.get('description', '')}")
+    print(f"  vision      {m.vision.file}: {m.preprocess.image_size}px {m.preprocess.resize}, mean {m.preprocess.mean}, "
+          f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}")
+    print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {q.get('requested')} "
+          f"({q.get('bits_per_weight')} bits/weight; " + ", ".join(f"{k} {v:.0%}" for k, v in q.get("tensor_types", {}).items()) + ")")
+    print(f"  prompt      {m.prompt.template!r}")
+    print(f"  stop        {m.prompt.stop}")
+    v = m.validation
+    if v:
+        print(f"  validated   vision max |diff| {max(v['vision']['max_abs_diff'].values()):.2g} (atol {v['vision']['atol']}); "
+              f"LLM top-1 agreement {v['llm']['top1_agreement']:.0%} over {v['llm']['tokens']} tokens")
+    for r in rows:
+        print(f"  file        {r['file']:<24} {r['bytes'] / 1e6:9.2f} MB  sha256 {r['sha256'][:16]}…  {r['status']}")
+
+
+def cmd_eval(a):
+    from edge_vlm.eval import EvalConfig, evaluate
+
+    res = evaluate(EvalConfig(target=a.target, dataset=a.dataset, split=a.split, limit=a.limit, seed=a.seed,
+                              threads=a.threads), progress=not a.json)
+    if a.out:
+        from pathlib import Path
+
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    summary = {k: v for k, v in res.items() if k != "records"}
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        kinds = ", ".join(f"{k} {v['accuracy']:.1%} (n={v['n']})" for k, v in res["by_kind"].items())
+        print(f"{res['target']} [{res['kind']}]: accuracy {res['accuracy']:.1%} ({res['correct']}/{res['n']}) "
+              f"on {res['dataset']} {res['split']}; {kinds}")
+
+
+def cmd_align(a):
+    from edge_vlm.align import AlignConfig, run
+
+    s = run(AlignConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=a.out,
+                        cache_dir=a.cache_dir, resume=a.resume, threads=a.threads))
+    print(json.dumps(s, indent=2))
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not a.cmd:
+        ap.print_help()
+        return 0
+    from edge_vlm.errors import EdgeVLMError
+
+    try:
+        COMMANDS[a.cmd](a)
+    except EdgeVLMError as e:
+        print(f"\nedge-vlm {a.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"\nedge-vlm {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

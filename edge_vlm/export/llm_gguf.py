@@ -1,0 +1,188 @@
+"""LLM -> GGUF: written with gguf-py from the torch weights, then quantized by llama.cpp.
+
+gguf-py owns the format and the tensor-name tables (`get_tensor_name_map`); we add only the
+HF->llama.cpp Q/K row permutation that llama.cpp's RoPE layout needs for Llama models.
+k-quants need rows that are multiples of 256: llama.cpp silently falls back to other types for
+narrower tensors, so the manifest records the real tensor-type mix and bits per weight.
+"""
+from __future__ import annotations
+
+import ctypes
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vlm.errors import ExportError, ExportValidationError, SourceError
+
+BITS_TO_QUANT = {4: "Q4_K_M", 8: "Q8_0", 16: "F16"}
+
+# Agreement floors for export-time validation (teacher-forced top-1 vs the torch reference on the
+# validation prompt). They catch broken exports (a wrong permutation scores ~0), not quality:
+# `edge-vlm eval` measures quality.
+MIN_AGREEMENT = {"F32": 0.95, "F16": 0.9, "BF16": 0.8, "Q8_0": 0.75}
+MIN_AGREEMENT_DEFAULT = 0.4
+
+
+def quant_ftype(name: str) -> int:
+    import llama_cpp
+
+    name = name.upper()
+    attr = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
+    if not hasattr(llama_cpp, attr):
+        known = sorted(a[len("LLAMA_FTYPE_MOSTLY_"):] for a in dir(llama_cpp) if a.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ExportError(f"unknown llama.cpp quantization type {name!r}; known: F32, {', '.join(known)}")
+    return getattr(llama_cpp, attr)
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores each head's rotary halves as [first half; second half]; llama.cpp interleaves them."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _vocab(tokenizer, n_vocab: int):
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = getattr(tokenizer, "added_tokens_decoder", {})  # id -> AddedToken(special=...)
+    specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in specials
+                         else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+@dataclass(frozen=True)
+class LlamaGGUFWriter:
+    """Writes a transformers Llama-architecture causal LM as an F32 GGUF."""
+
+    tokenizer_pre: str = "smollm"
+
+    def write(self, llm, tokenizer, path: Path, name: str = "edge-vlm") -> None:
+        import gguf
+
+        c = llm.config
+        if c.model_type != "llama":
+            raise SourceError(f"the GGUF writer handles the llama architecture; this LLM is {c.model_type!r}")
+        n_layer, n_head = c.num_hidden_layers, c.num_attention_heads
+        n_kv = c.num_key_value_heads or n_head
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default":
+            raise SourceError(f"rope scaling {rope.get('rope_type')!r} is not supported by this exporter yet")
+        w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        w.add_name(name)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_dimension_count(head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_rope_freq_base(float(theta))
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        n_vocab = c.vocab_size
+        w.add_vocab_size(n_vocab)
+        tokens, types = _vocab(tokenizer, n_vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(self.tokenizer_pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        with tempfile.TemporaryDirectory() as tdir:
+            tokenizer.save_pretrained(tdir)
+            special = gguf.SpecialVocab(tdir, load_merges=True, n_vocab=n_vocab)
+            if not special.merges:
+                raise SourceError("the tokenizer has no BPE merges: only byte-level BPE tokenizers are supported")
+            special.add_to_gguf(w, quiet=True)
+            if getattr(tokenizer, "chat_template", None) and not special.chat_template:
+                w.add_chat_template(tokenizer.chat_template)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+        state = llm.state_dict()
+        tied = bool(getattr(c, "tie_word_embeddings", False))
+        for key, t in state.items():
+            if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                continue
+            new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise SourceError(f"no GGUF name for tensor {key!r} of the llama architecture")
+            arr = t.detach().float().numpy()
+            if key.endswith("self_attn.q_proj.weight"):
+                arr = _permute_rope(arr, n_head)
+            elif key.endswith("self_attn.k_proj.weight"):
+                arr = _permute_rope(arr, n_kv)
+            w.add_tensor(new, np.ascontiguousarray(arr, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    import shutil
+
+    from edge_vlm.runtime.llm_gguf import _llama
+
+    llama_cpp = _llama()  # quiet llama.cpp's per-tensor log
+    ftype = quant_ftype(quant)
+    if quant.upper() == "F32":
+        shutil.copyfile(src, dst)
+        return
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0 or not dst.is_file():
+        raise ExportError(f"llama.cpp failed to quantize to {quant} (code {rc})")
+
+
+def tensor_mix(path: Path) -> dict:
+    """What the file really holds: weight fraction per tensor type and bits per weight."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    by_type, elems, nbytes = {}, 0, 0
+    for t in r.tensors:
+        name = t.tensor_type.name
+        by_type[name] = by_type.get(name, 0) + int(t.n_elements)
+        elems += int(t.n_elements)
+        nbytes += int(t.n_bytes)
+    return {"tensor_types": {k: round(v / elems, 4) for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])},
+            "bits_per_weight": round(8 * nbytes / elems, 3), "n_params": elems}
+
+
+def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:
+    """Top-1 agreement of `test` with `ref` along `ref`'s own greedy continuation (EOS ignored)."""
+    from edge_vlm.runtime.generate import GenerationStats, prefill
+
+    prefill(ref, prompt, user_text, image_embeds, n, GenerationStats())
+    prefill(test, prompt, user_text, image_embeds, n, GenerationStats())
+    agree, first_diff = 0, None
+    for i in range(n):
+        lr, lt = ref.logits(), test.logits()
+        if first_diff is None:
+            first_diff = float(np.max(np.abs(lr - lt)))
+        tok = int(np.argmax(lr))
+        agree += int(tok == int(np.argmax(lt)))
+        if i + 1 < n:
+            ref.eval_tokens([tok])
+            test.eval_tokens([tok])
+    return {"tokens": n, "top1_agreement": agree / n, "first_logits_max_abs_diff": first_diff}
+
+
+def check_agreement(quant: str, result: dict) -> None:
+    floor = MIN_AGREEMENT.get(quant.upper(), MIN_AGREEMENT_DEFAULT)
+    result["min_agreement"] = floor
+    if result["top1_agreement"] < floor:
+        raise ExportValidationError(f"LLM {quant}", {"top1_agreement": result["top1_agreement"]},
+                                    f"a teacher-forced top-1 agreement floor of {floor}")

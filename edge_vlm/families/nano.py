@@ -1,0 +1,173 @@
+"""The built-in nano VLM: MiniGPT-4's method at a size a laptop CPU trains in minutes.
+
+vision   EfficientNet-Lite0 (ImageNet, frozen) -> feature map [1280, S/32, S/32]
+connector avg-pool `pool`x`pool` -> tokens in raster order -> concatenate `concat` consecutive
+         tokens (MiniGPT-v2's row-major `.view`) -> Linear(1280*concat -> n_embd)   (trained)
+LLM      any HF Llama-architecture causal LM (built-in: SmolLM2-135M-Instruct, frozen)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_vlm.errors import CheckpointMismatch, SourceError
+from edge_vlm.families.resources import package_dir, resolve_file
+from edge_vlm.manifest import Preprocess, PromptSpec
+
+FEATURE_DIM = 1280  # EfficientNet-Lite head width (fixed by `fix_head_stem` for every width multiplier)
+STRIDE = 32
+
+
+@dataclass(frozen=True)
+class NanoVisionConfig:
+    encoder: str = "efficientnet-lite0"
+    encoder_overrides: tuple = ()  # efficientnet global-param overrides, as (key, value) pairs
+    image_size: int = 256
+    pool: int = 2
+    concat: int = 4
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // STRIDE // self.pool
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.grid * self.grid // self.concat
+
+    def check(self):
+        if self.image_size % (STRIDE * self.pool):
+            raise SourceError(f"image_size {self.image_size} must be a multiple of {STRIDE * self.pool} (32 x pool)")
+        if (self.grid * self.grid) % self.concat:
+            raise SourceError(f"{self.grid}x{self.grid} pooled tokens do not split into groups of {self.concat}")
+
+
+def build_encoder(cfg: NanoVisionConfig):
+    import sys
+
+    package_dir("efficientnet_lite_pytorch")  # clear install hint if missing
+    from efficientnet_lite_pytorch import EfficientNet
+
+    enc = EfficientNet.from_name(cfg.encoder, image_size=cfg.image_size, **dict(cfg.encoder_overrides))
+    return enc
+
+
+def vision_stack_class():
+    import torch
+    from torch import nn
+
+    class NanoVisionStack(nn.Module):
+        """pixels [B,3,S,S] -> image embeddings [B, n_image_tokens, n_embd]."""
+
+        def __init__(self, cfg: NanoVisionConfig, n_embd: int):
+            super().__init__()
+            self.cfg = cfg
+            self.encoder = build_encoder(cfg)
+            self.proj = nn.Linear(FEATURE_DIM * cfg.concat, n_embd)
+
+        def features(self, pixels: "torch.Tensor") -> "torch.Tensor":
+            """Frozen part: [B, n_image_tokens, 1280*concat] (what `align` precomputes)."""
+            f = self.encoder.extract_features(pixels)
+            if self.cfg.pool > 1:
+                f = nn.functional.avg_pool2d(f, self.cfg.pool)
+            b = f.shape[0]
+            tokens = f.flatten(2).transpose(1, 2)  # [B, grid*grid, 1280], raster order
+            return tokens.reshape(b, -1, FEATURE_DIM * self.cfg.concat)
+
+        def forward(self, pixels):
+            return self.proj(self.features(pixels))
+
+    return NanoVisionStack
+
+
+@dataclass
+class SourceModel:
+    family: str
+    description: dict
+    vision: object  # torch module: pixels -> embeddings
+    llm: object  # transformers causal LM
+    tokenizer: object
+    preprocess: Preprocess
+    prompt: PromptSpec
+    llm_arch: str
+
+
+def _load_strict(module, state: dict, what: str, ignore_prefixes=()):
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointMismatch(what, missing, unexpected)
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise CheckpointMismatch(what, hint="shape mismatch: " + ", ".join(
+            f"{k} {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}" for k in bad[:6]))
+    module.load_state_dict(state)
+
+
+def load_llm(root: Path, spec: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "gguf" in spec:
+        f = resolve_file(root, spec["gguf"], "llm.gguf")
+        kw = {"gguf_file": f.name}
+        where = f.parent
+    elif "hf_dir" in spec:
+        where, kw = resolve_file(root, spec["hf_dir"], "llm.hf_dir"), {}
+    else:
+        raise SourceError("source 'llm' needs 'gguf' or 'hf_dir'")
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        llm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load the LLM from {where}: {e}") from e
+    llm.eval().requires_grad_(False)
+    return llm, tok
+
+
+def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
+    import torch
+
+    v = desc.get("vision", {})
+    cfg = NanoVisionConfig(encoder=v.get("encoder", "efficientnet-lite0"),
+                           encoder_overrides=tuple(sorted(v.get("encoder_overrides", {}).items())),
+                           image_size=v.get("image_size", 256), pool=v.get("pool", 2), concat=v.get("concat", 4))
+    cfg.check()
+    llm, tok = load_llm(root, desc["llm"])
+    n_embd = llm.config.hidden_size
+    stack = vision_stack_class()(cfg, n_embd)
+    enc_path = resolve_file(root, v["encoder_weights"], "vision.encoder_weights")
+    enc_state = _safe_torch_load(enc_path)
+    _load_strict(stack.encoder, enc_state, f"encoder weights {enc_path}")
+    if with_projection:
+        from safetensors.torch import load_file
+
+        p = resolve_file(root, desc["projection"], "projection")
+        _load_strict(stack.proj, load_file(str(p)), f"projection {p}")
+    stack.eval().requires_grad_(False)
+    pre = Preprocess(image_size=cfg.image_size, mean=list(v.get("mean", [0.5] * 3)),
+                     std=list(v.get("std", [0.5] * 3)), resize=v.get("resize", "bicubic"))
+    prompt = PromptSpec(**desc["prompt"])
+    return SourceModel("nano", {"name": desc.get("name", root.name), "description": desc.get("description", ""),
+                                "image_tokens": cfg.n_image_tokens},
+                       stack, llm, tok, pre, prompt, llm.config.model_type)
+
+
+def _safe_torch_load(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SourceError(f"{path} needs unsafe unpickling (it holds more than tensors); edge-vlm loads "
+                          f"checkpoints with weights_only=True only: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise SourceError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj

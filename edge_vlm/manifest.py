@@ -1,0 +1,150 @@
+"""The bundle contract: `manifest.json` plus the files it lists (with size and sha256).
+
+This is the only thing the runtime knows about a model. It imports no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_vlm.errors import BundleError
+
+FORMAT = "edge-vlm-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Preprocess:
+    """How an image becomes the vision model's input (applied by runtime/preprocess.py)."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    resize: str = "bicubic"  # direct resize to a square, no crop (as MiniGPT-4's processors)
+    color: str = "RGB"
+
+
+@dataclass
+class VisionSpec:
+    file: str
+    input_name: str
+    output_name: str
+    n_image_tokens: int
+    n_embd: int
+    precision: str = "fp32"
+
+
+@dataclass
+class LLMSpec:
+    backend: str  # "gguf"
+    file: str
+    arch: str
+    n_embd: int
+    n_ctx_train: int
+    quant: dict = field(default_factory=dict)  # requested type, real tensor-type mix, bits/weight
+
+
+@dataclass
+class PromptSpec:
+    """`template` holds `{prompt}` for the user text and `image_marker` where image embeddings go."""
+
+    template: str
+    image_marker: str = "<ImageHere>"
+    add_bos: bool = False
+    stop: list[str] = field(default_factory=list)
+
+    def render(self, prompt: str) -> tuple[str, str]:
+        """Text before and after the image embeddings, user prompt filled in."""
+        text = self.template.replace("{prompt}", prompt)
+        before, sep, after = text.partition(self.image_marker)
+        if not sep:
+            raise BundleError(f"prompt template has no image marker {self.image_marker!r}")
+        return before, after
+
+
+@dataclass
+class Manifest:
+    family: str
+    source: dict
+    preprocess: Preprocess
+    vision: VisionSpec
+    llm: LLMSpec
+    prompt: PromptSpec
+    edge_vlm_version: str
+    validation: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # name -> {"bytes": int, "sha256": str}
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        if d.get("format") != FORMAT:
+            raise BundleError(f"not an edge-vlm bundle manifest (format={d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"bundle format version {d.get('format_version')} is not readable by this "
+                              f"edge-vlm (reads {FORMAT_VERSION}): re-export it with this version")
+        try:
+            return cls(
+                family=d["family"], source=d["source"], preprocess=Preprocess(**d["preprocess"]),
+                vision=VisionSpec(**d["vision"]), llm=LLMSpec(**d["llm"]), prompt=PromptSpec(**d["prompt"]),
+                edge_vlm_version=d["edge_vlm_version"], validation=d.get("validation", {}),
+                files=d["files"], format=d["format"], format_version=d["format_version"],
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest.json is incomplete or malformed ({e}): re-export the bundle") from e
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_file(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def load_manifest(bundle: Path) -> Manifest:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} is not a bundle folder: create one with `edge-vlm export -o {bundle}`")
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST}: it is not a finished bundle "
+                          "(an interrupted export leaves none); export it again")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}): export the bundle again") from e
+    return Manifest.from_dict(data)
+
+
+def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> list[dict]:
+    """Check every listed file exists with the recorded size (and sha256 when `hashes`).
+
+    Returns one row per file; raises BundleError naming every bad file.
+    """
+    rows, bad = [], []
+    for name, rec in manifest.files.items():
+        p = Path(bundle) / name
+        row = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"], "status": "ok"}
+        if not p.is_file():
+            row["status"] = "missing"
+        elif p.stat().st_size != rec["bytes"]:
+            row["status"] = f"size {p.stat().st_size} != {rec['bytes']} (truncated or replaced)"
+        elif hashes and sha256_file(p) != rec["sha256"]:
+            row["status"] = "sha256 mismatch (corrupted or replaced)"
+        rows.append(row)
+        if row["status"] != "ok":
+            bad.append(f"{name}: {row['status']}")
+    if bad:
+        raise BundleError(f"bundle {bundle} is damaged: " + "; ".join(bad) + ". Export it again.")
+    return rows

@@ -1,0 +1,59 @@
+"""Image loading and preprocessing, shared by the runtime and the torch reference (numpy + Pillow).
+
+Both sides call the same function, so any difference between them is the model, never the input.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_vlm.errors import BadImage
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def load_image(image):
+    """Open `image` (path, bytes or PIL image) as an RGB PIL image.
+
+    Non-RGB images (grey, palette, RGBA, CMYK) are converted, not rejected.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            if isinstance(image, (bytes, bytearray)):
+                import io
+
+                img = Image.open(io.BytesIO(image))
+            else:
+                path = Path(image)
+                if not path.is_file():
+                    raise BadImage(f"image {path} does not exist")
+                img = Image.open(path)
+            img.load()  # decode now: truncated files fail here, not later
+        except BadImage:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"cannot read image {image if not isinstance(image, (bytes, bytearray)) else '<bytes>'}: "
+                           f"{e}. Is it a complete PNG/JPEG/WebP file?") from e
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            img = img.convert("RGBA")
+            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, img)
+        img = img.convert("RGB")
+    return img
+
+
+def preprocess(image, image_size: int, mean, std, resize: str = "bicubic") -> np.ndarray:
+    """Image -> float32 array [1, 3, S, S]: direct square resize, scale to [0,1], normalize."""
+    img = load_image(image)
+    if resize not in _RESAMPLE:
+        raise BadImage(f"unknown resize method {resize!r}; known: {sorted(_RESAMPLE)}")
+    img = img.resize((image_size, image_size), _RESAMPLE[resize])
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])

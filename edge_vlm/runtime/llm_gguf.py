@@ -1,0 +1,169 @@
+"""GGUF LLM backend: llama.cpp through llama-cpp-python's low-level binding.
+
+Image embeddings enter through `llama_batch.embd`. Batches are fed in chunks of at most
+`n_batch` (a larger batch aborts the whole process inside ggml instead of raising), and the
+total is checked against `n_ctx` by the caller before anything is evaluated.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vlm.errors import BundleError, MissingPackage
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0  # 0 = number of cores
+    gpu_layers: int = 0  # -1 = all
+    exact: bool = False  # F32 KV cache and no flash attention: bit-for-bit comparisons in tests
+
+
+def _llama():
+    try:
+        import llama_cpp
+        import llama_cpp._logger as log
+    except ImportError as e:
+        raise MissingPackage("llama-cpp-python", 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36',
+                             "GGUF bundles run on llama.cpp") from e
+    if not os.environ.get("EDGE_VLM_LLAMA_VERBOSE"):
+        log.set_verbose(False)
+    return llama_cpp
+
+
+class LlamaCppSession:
+    """One model + one context + one sequence. Close it (or use `with`) to free native memory."""
+
+    def __init__(self, path: Path, cfg: LlamaCppConfig = LlamaCppConfig()):
+        L = self.L = _llama()
+        L.llama_backend_init()
+        self.cfg = cfg
+        self.model = self.ctx = None
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = cfg.gpu_layers if cfg.gpu_layers >= 0 else 10_000
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise BundleError(f"llama.cpp cannot load {path}: the GGUF file is truncated or corrupt "
+                              "(run `edge-vlm inspect` on the bundle, then export it again)")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_embd = int(L.llama_model_n_embd(self.model))
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
+        cp = L.llama_context_default_params()
+        cp.n_ctx = min(cfg.n_ctx, n_ctx_train) if n_ctx_train > 0 else cfg.n_ctx
+        cp.n_batch = cp.n_ubatch = cfg.n_batch
+        threads = cfg.n_threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        if cfg.exact:
+            cp.type_k = cp.type_v = L.GGML_TYPE_F32
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            self.close()
+            raise BundleError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {path} "
+                              "(out of memory?): lower --n-ctx")
+        self.n_ctx = int(L.llama_n_ctx(self.ctx))
+        self.n_past = 0
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # --- LLMSession -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (self.L.llama_token * cap)()
+        n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, True)
+        if n < 0:
+            cap = -n
+            buf = (self.L.llama_token * cap)()
+            n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, True)
+        return list(buf[:n])
+
+    def reset(self) -> None:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def _decode(self, n: int, fill) -> None:
+        L = self.L
+        embd = 0 if fill[0] == "tok" else self.n_embd
+        batch = L.llama_batch_init(n, embd, 1)
+        try:
+            batch.n_tokens = n
+            if embd:
+                arr = np.ascontiguousarray(fill[1], dtype=np.float32)
+                ctypes.memmove(batch.embd, arr.ctypes.data, arr.nbytes)
+            else:
+                for i, t in enumerate(fill[1]):
+                    batch.token[i] = t
+            for i in range(n):
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            batch.logits[n - 1] = 1
+            rc = L.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise BundleError(f"llama_decode failed with code {rc} at position {self.n_past}")
+            self.n_past += n
+        finally:
+            L.llama_batch_free(batch)
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            from edge_vlm.errors import ContextOverflow
+
+            raise ContextOverflow(self.n_past + n, self.n_ctx)
+
+    def eval_tokens(self, ids: list[int]) -> None:
+        self._check_room(len(ids))
+        for s in range(0, len(ids), self.cfg.n_batch):
+            chunk = ids[s:s + self.cfg.n_batch]
+            self._decode(len(chunk), ("tok", chunk))
+
+    def eval_embeds(self, embeds: np.ndarray) -> None:
+        if embeds.shape[1] != self.n_embd:
+            from edge_vlm.errors import EmbeddingSizeMismatch
+
+            raise EmbeddingSizeMismatch(f"embedding width {embeds.shape[1]} != LLM n_embd {self.n_embd}")
+        self._check_room(len(embeds))
+        for s in range(0, len(embeds), self.cfg.n_batch):
+            chunk = embeds[s:s + self.cfg.n_batch]
+            self._decode(len(chunk), ("emb", chunk))
+
+    def logits(self) -> np.ndarray:
+        ptr = self.L.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def token_bytes(self, token: int) -> bytes:
+        n = self.L.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, True)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = self.L.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, True)
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    # --- resources ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.ctx:
+            self.L.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.L.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

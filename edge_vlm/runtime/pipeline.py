@@ -1,0 +1,120 @@
+"""`Pipeline`: a bundle loaded and ready to answer questions about images.
+
+    with edge_vlm.Pipeline.load("nano-q4") as p:
+        for piece in p.generate("cat.png", "what is in the image?"):
+            print(piece, end="")
+
+Imports only numpy, Pillow, onnxruntime and llama-cpp-python: never torch or family code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from edge_vlm.errors import BundleError
+from edge_vlm.manifest import load_manifest, verify_files
+from edge_vlm.runtime import device as devices
+from edge_vlm.runtime.generate import GenerationStats, generate
+from edge_vlm.runtime.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    n_ctx: int = 2048
+    threads: int = 0  # 0 = all cores
+    verify: str = "size"  # size: check every file's size (catches truncation); sha256: full hashes
+    exact: bool = False  # llama.cpp F32 KV cache, no flash attention (used by equality tests)
+
+
+@dataclass
+class Result:
+    text: str
+    timings_ms: dict = field(default_factory=dict)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _llm_backends():
+    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
+
+    def gguf(path, cfg: RuntimeConfig, gpu_layers: int):
+        return LlamaCppSession(path, LlamaCppConfig(n_ctx=cfg.n_ctx, n_threads=cfg.threads,
+                                                    gpu_layers=gpu_layers, exact=cfg.exact))
+
+    return {"gguf": gguf}
+
+
+class Pipeline:
+    def __init__(self, bundle: Path, manifest, vision, llm, plan):
+        self.bundle, self.manifest, self.vision, self.llm, self.device = bundle, manifest, vision, llm, plan
+
+    @classmethod
+    def load(cls, bundle, config: RuntimeConfig = RuntimeConfig()) -> "Pipeline":
+        from edge_vlm.runtime.vision import VisionModel
+
+        bundle = Path(bundle)
+        m = load_manifest(bundle)
+        if config.verify not in ("size", "sha256"):
+            raise ValueError("verify must be 'size' or 'sha256'")
+        verify_files(bundle, m, hashes=config.verify == "sha256")
+        backends = _llm_backends()
+        if m.llm.backend not in backends:
+            raise BundleError(f"bundle uses LLM backend {m.llm.backend!r}, this edge-vlm knows {sorted(backends)}")
+        if m.vision.n_embd != m.llm.n_embd:
+            from edge_vlm.errors import EmbeddingSizeMismatch
+
+            raise EmbeddingSizeMismatch(f"manifest: vision n_embd {m.vision.n_embd} != LLM n_embd {m.llm.n_embd}")
+        plan = devices.resolve(config.device)
+        vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
+        llm = backends[m.llm.backend](bundle / m.llm.file, config, plan.llm_gpu_layers)
+        if llm.n_embd != m.vision.n_embd:
+            llm.close()
+            from edge_vlm.errors import EmbeddingSizeMismatch
+
+            raise EmbeddingSizeMismatch(f"LLM file has n_embd {llm.n_embd}, vision output is {m.vision.n_embd}")
+        return cls(bundle, m, vision, llm, plan)
+
+    def generate(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(),
+                 stats: GenerationStats | None = None) -> Iterator[str]:
+        """Stream the answer to `prompt` about `image` (path, bytes or PIL image) as text pieces."""
+        emb = self.vision.embed(image)
+        yield from generate(self.llm, self.manifest.prompt, prompt, emb, sampling, stats)
+
+    def answer(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(), on_piece=None) -> Result:
+        """Run one request to completion, with timings (ms) for each stage."""
+        t0 = time.perf_counter()
+        px = self.vision.pixels(image)
+        t1 = time.perf_counter()
+        emb = self.vision.embed_pixels(px)[0]
+        t2 = time.perf_counter()
+        stats = GenerationStats()
+        pieces, t_first = [], None
+        for piece in generate(self.llm, self.manifest.prompt, prompt, emb, sampling, stats):
+            if t_first is None:
+                t_first = time.perf_counter()
+            pieces.append(piece)
+            if on_piece:
+                on_piece(piece)
+        t3 = time.perf_counter()
+        t_first = t_first or t3
+        decode_s = t3 - t_first
+        timings = {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3,
+                   "ttft_ms": (t_first - t0) * 1e3, "total_ms": (t3 - t0) * 1e3,
+                   "decode_tok_s": (stats.generated_tokens - 1) / decode_s if decode_s > 0 and stats.generated_tokens > 1 else None}
+        return Result("".join(pieces), timings, stats)
+
+    def close(self):
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+        if self.vision is not None:
+            self.vision.close()
+            self.vision = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,45 @@
+"""The vision side of a bundle: an ONNX model run by onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_vlm.errors import BundleError, MissingPackage
+from edge_vlm.manifest import Preprocess, VisionSpec
+from edge_vlm.preprocess import preprocess
+
+
+class VisionModel:
+    def __init__(self, path: Path, spec: VisionSpec, pre: Preprocess, providers: list[str], threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise MissingPackage("onnxruntime", "pip install 'edge-vlm[cpu]' (or [gpu])") from e
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+            raise BundleError(f"onnxruntime cannot load {path} ({e}): the file is damaged, export again") from e
+        self.spec, self.pre = spec, pre
+        self.providers = self.session.get_providers()
+
+    def pixels(self, image) -> np.ndarray:
+        p = self.pre
+        return preprocess(image, p.image_size, p.mean, p.std, p.resize)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run([self.spec.output_name], {self.spec.input_name: pixels})
+        return out
+
+    def embed(self, image) -> np.ndarray:
+        """Image -> [n_image_tokens, n_embd] float32."""
+        return self.embed_pixels(self.pixels(image))[0]
+
+    def close(self):
+        self.session = None

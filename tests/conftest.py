@@ -1,0 +1,60 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_models import smollm2_tokenizer, write_tiny_source
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolate_home(tmp_path, monkeypatch):
+    """No test writes into the user's caches (onnxruntime telemetry, HF caches)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory, tokenizer) -> Path:
+    return write_tiny_source(tmp_path_factory.mktemp("src") / "tiny", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def export_tiny(tmp_path_factory, tiny_source):
+    """Export the tiny source once per quant type per session."""
+    from edge_vlm.export.run import ExportConfig, run
+
+    made = {}
+
+    def get(quant: str) -> Path:
+        if quant not in made:
+            out = tmp_path_factory.mktemp("bundles") / f"tiny-{quant.lower()}"
+            made[quant] = run(ExportConfig(source=str(tiny_source), out=str(out), quant=quant), progress=False)
+        return made[quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shape_image(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    x = np.full((64, 64, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    x[(yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2] = (30, 60, 200)
+    p = tmp_path_factory.mktemp("img") / "circle.png"
+    Image.fromarray(x).save(p)
+    return p

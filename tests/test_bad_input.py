@@ -1,0 +1,161 @@
+"""Bad input gets a clear error, a non-zero exit, and nothing half-written."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_vlm.cli import main
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def bundle_copy(export_tiny, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(export_tiny("Q8_0"), dst)
+    return dst
+
+
+def test_truncated_image(bundle_copy, shape_image, tmp_path, capsys):
+    bad = tmp_path / "half.png"
+    data = shape_image.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(["run", bundle_copy, "--image", bad, "--prompt", "hi"], capsys)
+    assert code == 2 and "cannot read image" in err
+
+
+def test_not_an_image(bundle_copy, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text")
+    code, _, err = run_cli(["run", bundle_copy, "--image", bad, "--prompt", "hi"], capsys)
+    assert code == 2 and "cannot read image" in err
+
+
+def test_missing_image(bundle_copy, tmp_path, capsys):
+    code, _, err = run_cli(["run", bundle_copy, "--image", tmp_path / "nope.png", "--prompt", "hi"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_non_rgb_images_are_converted(bundle_copy, tmp_path, mode, capsys):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    img = img.convert(mode) if mode != "I;16" else Image.fromarray(
+        np.random.default_rng(0).integers(0, 65535, (40, 50), dtype=np.uint16))
+    p = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(p)
+    code, out, _ = run_cli(["run", bundle_copy, "--image", p, "--prompt", "what is it?", "--max-tokens", "3",
+                            "--json"], capsys)
+    assert code == 0 and json.loads(out)["generated_tokens"] >= 1
+
+
+def test_missing_bundle_file(bundle_copy, shape_image, capsys):
+    (bundle_copy / "vision.onnx").unlink()
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "vision.onnx: missing" in err
+
+
+def test_sha256_mismatch(bundle_copy, shape_image, capsys):
+    f = bundle_copy / "vision.onnx"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    code, _, err = run_cli(["inspect", bundle_copy], capsys)
+    assert code == 3 and "sha256 mismatch" in err
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi", "--verify"], capsys)
+    assert code == 3 and "sha256 mismatch" in err
+
+
+def test_truncated_gguf_caught_by_size(bundle_copy, shape_image, capsys):
+    f = bundle_copy / "llm-q8_0.gguf"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "truncated" in err
+
+
+def test_truncated_gguf_with_consistent_manifest(bundle_copy, shape_image, capsys):
+    """Even if the manifest was rewritten to match, llama.cpp's refusal becomes a clear error."""
+    from edge_vlm.manifest import describe_file
+
+    f = bundle_copy / "llm-q8_0.gguf"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["files"][f.name] = describe_file(f)
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "truncated or corrupt" in err
+
+
+def test_prompt_longer_than_context(bundle_copy, shape_image, capsys):
+    long = "why " * 400
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", long, "--n-ctx", "256"], capsys)
+    assert code == 2 and "context holds 256" in err
+
+
+def test_unknown_bits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--bits", "5", "-o", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_quant_type(tiny_source, tmp_path, capsys):
+    code, _, err = run_cli(["export", tiny_source, "--quant", "Q9_X", "-o", tmp_path / "x"], capsys)
+    assert code == 5 and "unknown llama.cpp quantization type" in err and not (tmp_path / "x").exists()
+
+
+def test_not_a_bundle(tmp_path, shape_image, capsys):
+    code, _, err = run_cli(["inspect", tmp_path], capsys)
+    assert code == 3 and "no manifest.json" in err
+
+
+def test_embedding_size_mismatch(bundle_copy, shape_image, capsys):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["vision"]["n_embd"] = 32
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "n_embd" in err
+
+
+def test_projection_with_wrong_keys(tiny_source, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source, src)
+    save_file({"weight": torch.zeros(64, 2560), "extra": torch.zeros(3)}, str(src / "projection.safetensors"))
+    code, _, err = run_cli(["export", src, "--bits", "16", "-o", tmp_path / "out"], capsys)
+    assert code == 4 and "missing keys (1): bias" in err and "unexpected keys (1): extra" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_interrupted_export_leaves_nothing(tiny_source, tmp_path, monkeypatch):
+    from edge_vlm.export import llm_gguf
+    from edge_vlm.export.run import ExportConfig, run
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_gguf, "quantize", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), bits=8), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_is_not_a_bundle(tmp_path, capsys):
+    """What a SIGKILL leaves (a hidden partial folder without manifest) is rejected and later cleaned."""
+    from edge_vlm.export.bundle import BundleWriter
+
+    partial = tmp_path / ".b.partial-999999"
+    partial.mkdir()
+    (partial / "vision.onnx").write_bytes(b"x")
+    code, _, err = run_cli(["inspect", partial], capsys)
+    assert code == 3
+    with BundleWriter(tmp_path / "b"):
+        assert not partial.exists()

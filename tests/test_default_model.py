@@ -1,0 +1,45 @@
+"""The built-in model: its committed projection loads, and the default pipeline really answers."""
+import json
+
+import pytest
+
+from edge_vlm.data import load_questions, normalize_answer
+from edge_vlm.families import BUILTIN, SOURCE_FILE
+
+
+def test_committed_projection_matches_the_model():
+    from safetensors.numpy import load_file
+
+    root = BUILTIN["nano"]
+    desc = json.loads((root / SOURCE_FILE).read_text())
+    w = load_file(str(root / desc["projection"]))
+    assert set(w) == {"weight", "bias"}
+    assert w["weight"].shape == (576, 1280 * desc["vision"]["concat"]) and w["bias"].shape == (576,)
+    assert (root / "TRAINING.md").is_file() and (root / "training_curve.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def default_bundle(tmp_path_factory):
+    from edge_vlm.export.run import ExportConfig, run
+
+    return run(ExportConfig(out=str(tmp_path_factory.mktemp("b") / "nano-q4"), bits=4), progress=False)
+
+
+def test_default_pipeline_answers_known_questions(default_bundle):
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+    from edge_vlm.runtime.sampling import SamplingConfig
+
+    qs = load_questions("easy-vqa", "test", limit=10)
+    with Pipeline.load(default_bundle, RuntimeConfig(device="cpu")) as p:
+        answers = ["".join(p.generate(q.image, q.text, SamplingConfig(max_tokens=6))) for q in qs]
+    correct = sum(normalize_answer(a) == q.answer for a, q in zip(answers, qs))
+    assert correct >= 6, list(zip([q.text for q in qs], answers))
+
+
+@pytest.mark.slow
+def test_4bit_accuracy_close_to_reference(default_bundle):
+    from edge_vlm.eval import EvalConfig, evaluate
+
+    ref = evaluate(EvalConfig(target="nano", limit=300), progress=False)
+    q4 = evaluate(EvalConfig(target=str(default_bundle), limit=300), progress=False)
+    assert ref["accuracy"] > 0.8 and q4["accuracy"] >= ref["accuracy"] - 0.03
