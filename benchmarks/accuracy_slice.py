@@ -19,6 +19,8 @@ def main():
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--bundles", default="bundles", help="where the 16/8/4-bit bundles are (re)built")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--extra-quants", default="Q4_1,Q4_0",
+                    help="llama.cpp types measured besides --bits 16/8/4 (comma-separated; '' for none)")
     a = ap.parse_args()
 
     from edge_vlm.eval import EvalConfig, evaluate
@@ -27,19 +29,22 @@ def main():
 
     rows = []
     ref = evaluate(EvalConfig(target="nano", limit=a.limit, threads=a.threads))
-    rows.append({"model": "fp32 torch reference", "bits": 32, "quant": "fp32 (torch)", "bits_per_weight": 32.0,
+    rows.append({"model": "fp32 torch reference", "quant": "fp32 (torch)", "bits_per_weight": 32.0,
                  "bundle_mb": None, **_acc(ref)})
-    for bits in (16, 8, 4):
-        out = run(ExportConfig(out=f"{a.bundles}/nano-{bits}bit", bits=bits, force=True, threads=a.threads))
+    variants = [(f"bundle --bits {b}", {"bits": b}, f"nano-{b}bit") for b in (16, 8, 4)]
+    variants += [(f"bundle --quant {q}", {"quant": q}, f"nano-{q.lower()}") for q in a.extra_quants.split(",") if q]
+    for label, kw, name in variants:
+        out = run(ExportConfig(out=f"{a.bundles}/{name}", force=True, threads=a.threads, **kw))
         m = load_manifest(out)
         r = evaluate(EvalConfig(target=str(out), limit=a.limit, threads=a.threads))
         agree = sum(x["output"] == y["output"] for x, y in zip(ref["records"], r["records"])) / len(r["records"])
-        rows.append({"model": f"bundle --bits {bits}", "bits": bits, "quant": m.llm.quant["requested"],
+        rows.append({"model": label, "quant": m.llm.quant["requested"],
                      "bits_per_weight": m.llm.quant["bits_per_weight"], "tensor_types": m.llm.quant["tensor_types"],
                      "bundle_mb": round(sum(f["bytes"] for f in m.files.values()) / 1e6, 2),
                      "files_mb": {k: round(v["bytes"] / 1e6, 2) for k, v in m.files.items()},
                      "same_answer_text_as_reference": round(agree, 4), **_acc(r)})
-    data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}",
+    data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}"
+            + (f" --extra-quants {a.extra_quants}" if a.extra_quants != "Q4_1,Q4_0" else ""),
             "dataset": "easy-vqa test", "questions": a.limit, "question_order_seed": 0, "machine": machine(),
             "rows": rows}
     write_json("nano-easyvqa-accuracy", data)

@@ -31,6 +31,7 @@ class AlignConfig:
     save_every: int = 50
     eval_every: int = 50
     val_images: int = 200  # the last N train images are held out for validation
+    images: int = 0  # use only the first N train images (0 = all 4,000): quick experiments and tests
     threads: int = 0
     cache_dir: str = ".cache/align"
     resume: bool = False
@@ -130,8 +131,12 @@ def run(cfg: AlignConfig, log=print) -> dict:
     data = dataset_dir("easy-vqa", "train")
     rows = json.loads((data / "questions.json").read_text())
     image_ids = sorted({r[2] for r in rows})
+    if cfg.images:
+        image_ids = image_ids[:cfg.images]
+        rows = [r for r in rows if r[2] in set(image_ids)]
     index = {iid: k for k, iid in enumerate(image_ids)}
-    desc_key = hashlib.sha256(json.dumps([src.description, src.preprocess.__dict__]).encode()).hexdigest()[:12]
+    desc_key = hashlib.sha256(json.dumps([str(root), src.description, src.preprocess.__dict__, image_ids]).encode()
+                              ).hexdigest()[:12]
     feats = _features(src, [data / "images" / f"{i}.png" for i in image_ids],
                       Path(cfg.cache_dir) / f"easyvqa-train-{desc_key}.npy")
     val_ids = set(image_ids[-cfg.val_images:])
@@ -149,8 +154,15 @@ def run(cfg: AlignConfig, log=print) -> dict:
     ckpt_dir = Path(cfg.cache_dir) / "checkpoints"
     ckpt = ckpt_dir / "align-last.pt"
     curve, step = [], 0
+    run_key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("resume", "threads", "out")},
+                         sort_keys=True)
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
+        if state.get("run_key") != run_key:
+            from edge_vlm.errors import BadInput
+
+            raise BadInput(f"the checkpoint in {ckpt_dir} belongs to a run with other settings; resume with the "
+                           f"same flags, or start afresh without --resume")
         proj.load_state_dict(state["proj"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -193,7 +205,7 @@ def run(cfg: AlignConfig, log=print) -> dict:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"proj": proj.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": torch.tensor(step), "curve": torch.tensor(curve)}, tmp)
+                        "step": torch.tensor(step), "curve": torch.tensor(curve), "run_key": run_key}, tmp)
             tmp.replace(ckpt)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)

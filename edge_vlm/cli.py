@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image). The bundle appears only when everything passed.")
     p.add_argument("source", nargs="?", default=None,
                    help="built-in model name or folder with edge-vlm-source.json (default: nano, the built-in model)")
-    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=4,
+    p.add_argument("--recipe", help="TOML export recipe (see export/); flags given here override its fields")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=None,
                    help="4 -> Q4_K_M, 8 -> Q8_0, 16 -> F16 (default 4)")
     p.add_argument("--quant", help="any llama.cpp type instead of --bits (Q4_0, Q5_K_M, Q6_K, F32, ...)")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
@@ -92,8 +93,14 @@ def cmd_export(a):
     from edge_vlm.export.run import ExportConfig, run
     from edge_vlm.manifest import load_manifest
 
-    out = run(ExportConfig(source=a.source, out=a.out, bits=a.bits, quant=a.quant, force=a.force,
-                           threads=a.threads), progress=not a.json)
+    from edge_vlm.export.run import load_recipe
+
+    fields = load_recipe(a.recipe) if a.recipe else {}
+    flags = {"source": a.source, "bits": a.bits, "quant": a.quant}
+    if a.bits is not None and a.quant is None:
+        fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    out = run(ExportConfig(**fields, out=a.out, force=a.force, threads=a.threads), progress=not a.json)
     m = load_manifest(out)
     if a.json:
         print(m.to_json(), end="")

@@ -30,6 +30,14 @@ def open_target(cfg: EvalConfig):
         from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
 
         return "bundle", Pipeline.load(cfg.target, RuntimeConfig(device="cpu", threads=cfg.threads))
+    from edge_vlm.families import BUILTIN
+
+    if cfg.target and cfg.target not in BUILTIN and Path(cfg.target).is_dir() and \
+            not (Path(cfg.target) / "edge-vlm-source.json").is_file():
+        from edge_vlm.errors import BundleError
+
+        raise BundleError(f"{cfg.target} has neither manifest.json (a bundle) nor edge-vlm-source.json (a source): "
+                          "an interrupted export? export it again")
     import torch
 
     from edge_vlm.reference import ReferencePipeline

@@ -14,6 +14,7 @@ from edge_vlm.errors import BundleError
 FORMAT = "edge-vlm-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+RESIZE_METHODS = ("bicubic", "bilinear", "nearest")
 
 
 @dataclass
@@ -84,17 +85,27 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json does not hold a JSON object: export the bundle again")
         if d.get("format") != FORMAT:
             raise BundleError(f"not an edge-vlm bundle manifest (format={d.get('format')!r})")
         if d.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"bundle format version {d.get('format_version')} is not readable by this "
                               f"edge-vlm (reads {FORMAT_VERSION}): re-export it with this version")
         try:
+            files = d["files"]
+            if not isinstance(files, dict) or not all(
+                    isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+                    for r in files.values()):
+                raise TypeError("'files' must map names to {bytes, sha256}")
+            pre = Preprocess(**d["preprocess"])
+            if pre.resize not in RESIZE_METHODS:
+                raise TypeError(f"unknown resize method {pre.resize!r}")
             return cls(
-                family=d["family"], source=d["source"], preprocess=Preprocess(**d["preprocess"]),
+                family=d["family"], source=d["source"], preprocess=pre,
                 vision=VisionSpec(**d["vision"]), llm=LLMSpec(**d["llm"]), prompt=PromptSpec(**d["prompt"]),
                 edge_vlm_version=d["edge_vlm_version"], validation=d.get("validation", {}),
-                files=d["files"], format=d["format"], format_version=d["format_version"],
+                files=files, format=d["format"], format_version=d["format_version"],
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest.json is incomplete or malformed ({e}): re-export the bundle") from e
@@ -133,7 +144,12 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> list[
     Returns one row per file; raises BundleError naming every bad file.
     """
     rows, bad = [], []
+    for needed in (manifest.vision.file, manifest.llm.file):
+        if needed not in manifest.files:
+            bad.append(f"{needed}: used by the manifest but not listed in its files")
     for name, rec in manifest.files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"manifest lists {name!r}: bundle files must be plain names inside the bundle folder")
         p = Path(bundle) / name
         row = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"], "status": "ok"}
         if not p.is_file():

@@ -10,7 +10,7 @@ import numpy as np
 
 from edge_vlm.errors import BadImage
 
-_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values (manifest.RESIZE_METHODS)
 
 
 def load_image(image):
@@ -36,7 +36,7 @@ def load_image(image):
             img.load()  # decode now: truncated files fail here, not later
         except BadImage:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadImage(f"cannot read image {image if not isinstance(image, (bytes, bytearray)) else '<bytes>'}: "
                            f"{e}. Is it a complete PNG/JPEG/WebP file?") from e
     if img.mode != "RGB":

@@ -13,12 +13,20 @@ from edge_vlm.runtime.generate import GenerationStats, generate
 from edge_vlm.runtime.sampling import SamplingConfig
 
 
+# Token texts llama.cpp also treats as end-of-generation when they are special tokens
+# (llama-vocab.cpp's EOG list); the reference must stop where the bundle stops.
+EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|end_of_text|>")
+
+
 class TorchLLMSession:
     def __init__(self, model, tokenizer, n_ctx: int = 2048):
         self.model, self.tok = model, tokenizer
         self.n_embd = model.config.hidden_size
         self.n_ctx = min(n_ctx, getattr(model.config, "max_position_embeddings", n_ctx))
         self.embed = model.get_input_embeddings()
+        special = set(tokenizer.all_special_tokens) | {
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+        self.eog = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in EOG_TEXTS if t in special}
         self.reset()
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -59,7 +67,7 @@ class TorchLLMSession:
         return self._logits
 
     def is_eog(self, token):
-        return token == self.tok.eos_token_id
+        return token in self.eog
 
     def detokenize(self, ids):
         return self.tok.decode(ids, skip_special_tokens=False)

@@ -7,6 +7,7 @@ import pytest
 from tiny_models import smollm2_tokenizer, write_tiny_source
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
 
 def pytest_configure(config):
@@ -18,7 +19,6 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _isolate_home(tmp_path, monkeypatch):
     """No test writes into the user's caches (onnxruntime telemetry, HF caches)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 

@@ -107,7 +107,7 @@ def test_unknown_bits(tmp_path, capsys):
 
 def test_unknown_quant_type(tiny_source, tmp_path, capsys):
     code, _, err = run_cli(["export", tiny_source, "--quant", "Q9_X", "-o", tmp_path / "x"], capsys)
-    assert code == 5 and "unknown llama.cpp quantization type" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "unknown llama.cpp quantization type" in err and not (tmp_path / "x").exists()
 
 
 def test_not_a_bundle(tmp_path, shape_image, capsys):
@@ -152,10 +152,79 @@ def test_killed_export_is_not_a_bundle(tmp_path, capsys):
     """What a SIGKILL leaves (a hidden partial folder without manifest) is rejected and later cleaned."""
     from edge_vlm.export.bundle import BundleWriter
 
-    partial = tmp_path / ".b.partial-999999"
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has certainly exited
+    partial = tmp_path / f".b.partial-{dead}"
     partial.mkdir()
     (partial / "vision.onnx").write_bytes(b"x")
     code, _, err = run_cli(["inspect", partial], capsys)
     assert code == 3
     with BundleWriter(tmp_path / "b"):
         assert not partial.exists()
+
+
+def test_vision_output_not_matching_manifest(bundle_copy, shape_image, capsys):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["vision"]["n_image_tokens"] = 3
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "vision.onnx produced (1, 2, 64)" in err
+
+
+def test_max_tokens_alone_overflow_the_context(bundle_copy, shape_image, capsys):
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi", "--n-ctx", "256",
+                            "--max-tokens", "300"], capsys)
+    assert code == 2 and "context holds 256" in err and "--max-tokens" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "0"), ("--max-tokens", "0")])
+def test_bad_sampling_options(bundle_copy, shape_image, capsys, flag, value):
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi", flag, value], capsys)
+    assert code == 2 and flag.lstrip("-").replace("-", "") in err.replace("-", "").replace("_", "")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: [], "does not hold a JSON object"),
+    (lambda m: {**m, "format_version": 99}, "format version 99"),
+    (lambda m: {**m, "files": {**m["files"], "../evil": {"bytes": 1, "sha256": "0" * 64}}}, "plain names"),
+    (lambda m: {**m, "files": {k: {"bytes": v["bytes"]} for k, v in m["files"].items()}}, "malformed"),
+    (lambda m: {**m, "preprocess": {**m["preprocess"], "resize": "lanczos9"}}, "unknown resize"),
+])
+def test_corrupt_manifest(bundle_copy, capsys, edit, message):
+    path = bundle_copy / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    code, _, err = run_cli(["inspect", bundle_copy], capsys)
+    assert code == 3 and message in err
+
+
+def test_force_only_replaces_bundles(tiny_source, tmp_path, capsys):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"x")
+    code, _, err = run_cli(["export", tiny_source, "--bits", "8", "-o", precious, "--force"], capsys)
+    assert code == 2 and "not an edge-vlm bundle" in err and (precious / "holiday.jpg").exists()
+
+
+def test_failed_forced_export_keeps_the_old_bundle(export_tiny, tiny_source, tmp_path, monkeypatch):
+    from edge_vlm.export import llm_gguf
+    from edge_vlm.export.run import ExportConfig, run
+
+    target = tmp_path / "b"
+    shutil.copytree(export_tiny("Q8_0"), target)
+    before = (target / "manifest.json").read_text()
+    monkeypatch.setattr(llm_gguf, "quantize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        run(ExportConfig(source=str(tiny_source), out=str(target), bits=8, force=True), progress=False)
+    assert (target / "manifest.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_broken_rope_permutation_fails_validation(tiny_source, tmp_path, monkeypatch, capsys):
+    """Export validation is not decorative: a GGUF with un-permuted Q/K rows is refused."""
+    from edge_vlm.export import llm_gguf
+
+    monkeypatch.setattr(llm_gguf, "_permute_rope", lambda w, n_head: w)
+    code, _, err = run_cli(["export", tiny_source, "--quant", "F32", "-o", tmp_path / "b"], capsys)
+    assert code == 5 and "top1_agreement" in err and not (tmp_path / "b").exists()

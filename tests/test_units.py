@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from edge_vlm.data import normalize_answer
+from edge_vlm.errors import BadInput
 from edge_vlm.manifest import PromptSpec
 from edge_vlm.runtime.generate import _StopText
 from edge_vlm.runtime.sampling import Sampler, SamplingConfig
@@ -31,7 +32,7 @@ def test_greedy_and_top_p():
 
 def test_sampling_config_rejects_nonsense():
     for kw in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(BadInput):
             SamplingConfig(**kw)
 
 
@@ -42,3 +43,77 @@ def test_prompt_render_fills_prompt_literally():
 
 def test_normalize_answer():
     assert normalize_answer(" Red.\n") == "red" and normalize_answer("") == ""
+
+
+class ScriptedLLM:
+    """A deterministic LLMSession for the decode loop's own logic: emits `script` token by token.
+    (The real backends are exercised end to end in test_pipeline.py.)"""
+
+    def __init__(self, pieces, eog_at=None):
+        self.pieces, self.eog_at = pieces, eog_at
+        self.n_ctx, self.n_embd = 64, 4
+        self.reset()
+
+    def tokenize(self, text, add_bos):
+        return [0] * max(1, len(text) // 4)
+
+    def reset(self):
+        self.step, self.evaluated, self.decoding = 0, 0, False
+
+    def eval_tokens(self, ids):
+        self.evaluated += len(ids)
+        self.step += self.decoding  # after the first logits() call, each eval is a fed-back token
+
+    def eval_embeds(self, e):
+        self.evaluated += len(e)
+
+    def logits(self):
+        self.decoding = True
+        tok = self.eog_at if self.step == len(self.pieces) else self.step + 1
+        out = np.zeros(100)
+        out[tok] = 1
+        return out
+
+    def is_eog(self, t):
+        return t == self.eog_at
+
+    def detokenize(self, ids):
+        return "".join(self.pieces[i - 1] for i in ids)
+
+
+def _run(pieces, stops, max_tokens=20, eog=99):
+    from edge_vlm.runtime.generate import GenerationStats, generate
+
+    stats = GenerationStats()
+    out = list(generate(ScriptedLLM(pieces, eog), PromptSpec("<ImageHere> {prompt}", stop=stops), "q",
+                        np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=max_tokens), stats))
+    return out, stats
+
+
+def test_stop_string_spanning_tokens_is_cut():
+    out, stats = _run(["The ", "answer", " is red", "#", "#", "# and more"], ["###"])
+    assert "".join(out) == "The answer is red" and stats.stop_reason == "stop_string"
+
+
+def test_held_back_text_is_released_at_eos_and_at_max_tokens():
+    out, stats = _run(["red", "#"], ["###"])
+    assert "".join(out) == "red#" and stats.stop_reason == "eos"
+    out, stats = _run(["red", "#", "#", "x"], ["###"], max_tokens=3)
+    assert "".join(out) == "red##" and stats.stop_reason == "max_tokens"
+
+
+def test_first_of_several_stops_wins():
+    out, _ = _run(["a", "</s>", "b", "###"], ["###", "</s>"])
+    assert "".join(out) == "a"
+
+
+def test_embedding_width_and_context_are_checked_before_running():
+    from edge_vlm.errors import ContextOverflow, EmbeddingSizeMismatch
+    from edge_vlm.runtime.generate import generate
+
+    llm = ScriptedLLM(["x"])
+    with pytest.raises(EmbeddingSizeMismatch):
+        list(generate(llm, PromptSpec("<ImageHere>"), "q", np.zeros((2, 5), np.float32), SamplingConfig()))
+    with pytest.raises(ContextOverflow):
+        list(generate(llm, PromptSpec("<ImageHere>"), "q", np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=80)))
+    assert llm.evaluated == 0

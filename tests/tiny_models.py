@@ -31,9 +31,13 @@ def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64) ->
     vcfg = NanoVisionConfig(encoder_overrides=(("depth_coefficient", 0.25), ("width_coefficient", 0.25)),
                             image_size=64, pool=1, concat=2)
     enc = build_encoder(vcfg).eval()
-    # non-trivial BatchNorm statistics so the export sees realistic numerics
+    # variance-preserving init and non-trivial BatchNorm statistics: with the default init the
+    # signal dies in a random deep net and every image gives the same features
     for m in enc.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            torch.nn.init.normal_(m.weight, std=(2.0 / fan_in) ** 0.5)
+        elif isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     torch.save(enc.state_dict(), root / "encoder.pth")
@@ -46,7 +50,7 @@ def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64) ->
     llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     proj = torch.nn.Linear(FEATURE_DIM * vcfg.concat, hidden)
-    torch.nn.init.normal_(proj.weight, std=0.05)
+    torch.nn.init.normal_(proj.weight, std=0.01)
     save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(root / "projection.safetensors"))
     desc = {
         "family": "nano", "name": "tiny-nano", "description": "test model: seeded random weights",
@@ -54,7 +58,7 @@ def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64) ->
                    "encoder_overrides": dict(vcfg.encoder_overrides), "image_size": vcfg.image_size,
                    "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "bicubic", "pool": vcfg.pool, "concat": vcfg.concat},
         "projection": "projection.safetensors",
-        "llm": {"hf_dir": "llm"},
+        "llm": {"hf_dir": "llm", "tokenizer_pre": "smollm"},
         "prompt": {"template": TEMPLATE, "image_marker": "<ImageHere>", "add_bos": False, "stop": ["<|im_end|>"]},
     }
     (root / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2))

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from edge_vlm.errors import ExportError
+from edge_vlm.errors import BadInput
 from edge_vlm.manifest import MANIFEST, Manifest, describe_file
 
 
@@ -28,15 +28,29 @@ class BundleWriter:
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
     def __enter__(self) -> "BundleWriter":
-        if self.target.exists() and not self.force:
-            raise ExportError(f"{self.target} already exists: choose another -o or pass --force to replace it")
+        self._recover()
+        if self.target.exists():
+            if not self.force:
+                raise BadInput(f"{self.target} already exists: choose another -o or pass --force to replace it")
+            # --force replaces a bundle (or an empty folder), never an arbitrary folder or file
+            if not (self.target.is_dir() and ((self.target / MANIFEST).is_file() or not any(self.target.iterdir()))):
+                raise BadInput(f"{self.target} exists and is not an edge-vlm bundle: --force only replaces bundles; "
+                               "choose another -o")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
         self.tmp.mkdir()
         return self
+
+    def _recover(self) -> None:
+        """Clean up after exports that were killed: drop their partial folders, and put back a
+        bundle that was moved aside for replacement if the new one never arrived."""
+        for stale in self.target.parent.glob(f".{self.target.name}.*-*"):
+            kind, _, pid = stale.name.rpartition("-")
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind.endswith(".old") and not self.target.exists():
+                stale.replace(self.target)
+            elif kind.endswith((".partial", ".old")):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -51,7 +65,12 @@ class BundleWriter:
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             self.target.replace(old)
-        self.tmp.replace(self.target)
+        try:
+            self.tmp.replace(self.target)
+        except BaseException:
+            if old is not None and not self.target.exists():
+                old.replace(self.target)  # keep the previous bundle rather than none
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_vlm.errors import ExportError, ExportValidationError, SourceError
+from edge_vlm.errors import BadInput, ExportError, ExportValidationError, SourceError
 
 BITS_TO_QUANT = {4: "Q4_K_M", 8: "Q8_0", 16: "F16"}
 
@@ -32,7 +32,7 @@ def quant_ftype(name: str) -> int:
     attr = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
     if not hasattr(llama_cpp, attr):
         known = sorted(a[len("LLAMA_FTYPE_MOSTLY_"):] for a in dir(llama_cpp) if a.startswith("LLAMA_FTYPE_MOSTLY_"))
-        raise ExportError(f"unknown llama.cpp quantization type {name!r}; known: F32, {', '.join(known)}")
+        raise BadInput(f"unknown llama.cpp quantization type {name!r}; known: F32, {', '.join(known)}")
     return getattr(llama_cpp, attr)
 
 
@@ -45,6 +45,8 @@ def _vocab(tokenizer, n_vocab: int):
     import gguf
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if by_id and max(by_id) >= n_vocab:
+        raise SourceError(f"the tokenizer has ids up to {max(by_id)} but the LLM's embedding has {n_vocab} rows")
     added = getattr(tokenizer, "added_tokens_decoder", {})  # id -> AddedToken(special=...)
     specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
     tokens, types = [], []
@@ -76,6 +78,8 @@ class LlamaGGUFWriter:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
         rope = getattr(c, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+            raise SourceError("Llama models with attention/MLP biases are not supported by this GGUF writer yet")
         if rope.get("rope_type", "default") != "default":
             raise SourceError(f"rope scaling {rope.get('rope_type')!r} is not supported by this exporter yet")
         w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -159,6 +163,21 @@ def tensor_mix(path: Path) -> dict:
         nbytes += int(t.n_bytes)
     return {"tensor_types": {k: round(v / elems, 4) for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])},
             "bits_per_weight": round(8 * nbytes / elems, 3), "n_params": elems}
+
+
+TOKENIZER_PROBES = ("Hello, world!", "  two  spaces\tand a tab\n", "3.14159 + 42 = 45.14159",
+                    "café naïve 日本語 emoji 🙂", "<|im_start|>user\nwhat?<|im_end|>\n")
+
+
+def check_tokenizer(ref, test, prompt) -> dict:
+    """The GGUF's tokenizer must give the reference's ids for the template and tricky strings."""
+    before, after = prompt.render("what color is the shape?")
+    cases = (before, after) + TOKENIZER_PROBES
+    bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)]
+    if bad:
+        raise ExportValidationError("GGUF tokenizer", {repr(c)[:40]: float("nan") for c in bad},
+                                    "identical token ids (is tokenizer_pre right for this tokenizer?)")
+    return {"strings": len(cases), "identical_ids": True}
 
 
 def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:

@@ -28,6 +28,31 @@ class ExportConfig:
         return BITS_TO_QUANT[self.bits]
 
 
+RECIPE_FIELDS = {"source", "bits", "quant"}
+
+
+def load_recipe(path: str) -> dict:
+    """Fields of a TOML export recipe; unknown fields are an error, not silently ignored."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise BadInput(f"recipe {p} does not exist (recipes live in export/)") from e
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"recipe {p} is not valid TOML: {e}") from e
+    unknown = set(data) - RECIPE_FIELDS
+    if unknown:
+        raise BadInput(f"recipe {p} has unknown fields {sorted(unknown)}; known: {sorted(RECIPE_FIELDS)}")
+    if "source" in data and not Path(str(data["source"])).is_absolute():
+        from edge_vlm.families import BUILTIN
+
+        if data["source"] not in BUILTIN:
+            data["source"] = str((p.parent / data["source"]).resolve())
+    return data
+
+
 STAGES = ["load source", "vision -> ONNX", "validate vision", "LLM -> GGUF", "quantize LLM",
           "validate LLM", "write manifest"]
 
@@ -83,8 +108,9 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         emb = ref.embed(sample_image)
         test = LlamaCppSession(bw.path(llm_file), LlamaCppConfig(n_ctx=512, exact=True, n_threads=cfg.threads))
         try:
-            agreement = llm_gguf.teacher_forced_agreement(TorchLLMSession(src.llm, src.tokenizer), test,
-                                                          src.prompt, VALIDATION_PROMPT, emb,
+            ref_llm = TorchLLMSession(src.llm, src.tokenizer)
+            tokenizer_check = llm_gguf.check_tokenizer(ref_llm, test, src.prompt)
+            agreement = llm_gguf.teacher_forced_agreement(ref_llm, test, src.prompt, VALIDATION_PROMPT, emb,
                                                           cfg.n_validate_tokens)
             n_ctx_train = src.llm.config.max_position_embeddings
         finally:
@@ -102,7 +128,8 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
                         n_ctx_train=n_ctx_train, quant={"requested": quant, **mix}),
             prompt=src.prompt,
             edge_vlm_version=__version__,
-            validation={"vision": vision_check, "llm": {"prompt": VALIDATION_PROMPT, **agreement}},
+            validation={"vision": vision_check, "llm": {"prompt": VALIDATION_PROMPT, **agreement},
+                        "tokenizer": tokenizer_check},
         )
         out = bw.commit(manifest)
     bar.close()

@@ -42,8 +42,6 @@ class NanoVisionConfig:
 
 
 def build_encoder(cfg: NanoVisionConfig):
-    import sys
-
     package_dir("efficientnet_lite_pytorch")  # clear install hint if missing
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -150,7 +148,9 @@ def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
                      std=list(v.get("std", [0.5] * 3)), resize=v.get("resize", "bicubic"))
     prompt = PromptSpec(**desc["prompt"])
     return SourceModel("nano", {"name": desc.get("name", root.name), "description": desc.get("description", ""),
-                                "image_tokens": cfg.n_image_tokens},
+                                "image_tokens": cfg.n_image_tokens,
+                                # llama.cpp's pre-tokenizer name; SmolLM2's byte-level BPE is "smollm"
+                                "tokenizer_pre": desc["llm"].get("tokenizer_pre", "smollm")},
                        stack, llm, tok, pre, prompt, llm.config.model_type)
 
 

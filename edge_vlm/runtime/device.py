@@ -24,14 +24,18 @@ class DevicePlan:
 
 
 def ort_has_cuda() -> bool:
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:  # loading the vision model then says what to install
+        return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def llama_has_gpu() -> bool:
-    import llama_cpp
-
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 

@@ -7,6 +7,7 @@ end-of-generation tokens or stop strings (matched on text, never on tokenizer-sp
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -37,6 +38,9 @@ class GenerationStats:
     generated_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""
+    prefill_end: float | None = None  # perf_counter() when the prompt + image were evaluated
+    first_token: float | None = None  # perf_counter() when the first token was sampled
+    end: float | None = None
 
 
 def build_prompt(llm: LLMSession, prompt: PromptSpec, user_text: str) -> tuple[list[int], list[int]]:
@@ -101,12 +105,15 @@ def generate(llm: LLMSession, prompt: PromptSpec, user_text: str, image_embeds: 
     """Yield text pieces of the answer as they are decoded."""
     stats = stats if stats is not None else GenerationStats()
     prefill(llm, prompt, user_text, image_embeds, sampling.max_tokens, stats)
+    stats.prefill_end = time.perf_counter()
     sample = Sampler(sampling)
     stopper = _StopText(prompt.stop if not ignore_eos else [])
     out: list[int] = []
     stats.stop_reason = "max_tokens"
     for i in range(sampling.max_tokens):
         tok = sample(llm.logits())
+        if stats.first_token is None:
+            stats.first_token = time.perf_counter()
         if llm.is_eog(tok) and not ignore_eos:
             stats.stop_reason = "eos"
             break
@@ -118,9 +125,11 @@ def generate(llm: LLMSession, prompt: PromptSpec, user_text: str, image_embeds: 
             yield piece
         if stopper.stopped:
             stats.stop_reason = "stop_string"
+            stats.end = time.perf_counter()
             return
         if i + 1 < sampling.max_tokens:
             llm.eval_tokens([tok])
+    stats.end = time.perf_counter()
     tail = stopper.feed(llm.detokenize(out), final=True)
     if tail:
         yield tail

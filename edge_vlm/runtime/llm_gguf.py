@@ -75,15 +75,18 @@ class LlamaCppSession:
 
     # --- LLMSession -------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        """Special tokens in `text` are parsed; BOS is prepended when the template asks for it
+        (not when the GGUF's add_bos flag says so: the manifest's template is the one contract)."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self.L.llama_token * cap)()
-        n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, True)
+        n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, True)
         if n < 0:
             cap = -n
             buf = (self.L.llama_token * cap)()
-            n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_bos, True)
-        return list(buf[:n])
+            n = self.L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, True)
+        ids = list(buf[:n])
+        return [int(self.L.llama_vocab_bos(self.vocab))] + ids if add_bos else ids
 
     def reset(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)

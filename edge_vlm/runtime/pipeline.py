@@ -68,7 +68,11 @@ class Pipeline:
             raise EmbeddingSizeMismatch(f"manifest: vision n_embd {m.vision.n_embd} != LLM n_embd {m.llm.n_embd}")
         plan = devices.resolve(config.device)
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
-        llm = backends[m.llm.backend](bundle / m.llm.file, config, plan.llm_gpu_layers)
+        try:
+            llm = backends[m.llm.backend](bundle / m.llm.file, config, plan.llm_gpu_layers)
+        except BaseException:
+            vision.close()
+            raise
         if llm.n_embd != m.vision.n_embd:
             llm.close()
             from edge_vlm.errors import EmbeddingSizeMismatch
@@ -90,19 +94,20 @@ class Pipeline:
         emb = self.vision.embed_pixels(px)[0]
         t2 = time.perf_counter()
         stats = GenerationStats()
-        pieces, t_first = [], None
+        pieces = []
         for piece in generate(self.llm, self.manifest.prompt, prompt, emb, sampling, stats):
-            if t_first is None:
-                t_first = time.perf_counter()
             pieces.append(piece)
             if on_piece:
                 on_piece(piece)
         t3 = time.perf_counter()
-        t_first = t_first or t3
-        decode_s = t3 - t_first
+        first = stats.first_token or t3
+        n = stats.generated_tokens
+        decode_s = (stats.end or t3) - first
         timings = {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3,
-                   "ttft_ms": (t_first - t0) * 1e3, "total_ms": (t3 - t0) * 1e3,
-                   "decode_tok_s": (stats.generated_tokens - 1) / decode_s if decode_s > 0 and stats.generated_tokens > 1 else None}
+                   "prefill_ms": ((stats.prefill_end or t3) - t2) * 1e3,
+                   "ttft_ms": (first - t0) * 1e3, "total_ms": (t3 - t0) * 1e3,
+                   # tokens after the first, over their time (the first token's cost is in ttft)
+                   "decode_tok_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None}
         return Result("".join(pieces), timings, stats)
 
     def close(self):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_vlm.errors import BadInput
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -17,11 +19,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
+            raise BadInput(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise BadInput(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+            raise BadInput(f"max-tokens must be >= 1, got {self.max_tokens}")
 
 
 class Sampler:

@@ -34,7 +34,18 @@ class VisionModel:
         return preprocess(image, p.image_size, p.mean, p.std, p.resize)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self.spec.output_name], {self.spec.input_name: pixels})
+        """[B,3,S,S] -> [B, n_image_tokens, n_embd], checked against the manifest."""
+        try:
+            (out,) = self.session.run([self.spec.output_name], {self.spec.input_name: pixels})
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise BundleError(f"the vision model rejected its input {tuple(pixels.shape)} ({str(e)[:200]}): "
+                              "the manifest's preprocessing does not match vision.onnx; export again") from e
+        want = (pixels.shape[0], self.spec.n_image_tokens, self.spec.n_embd)
+        if tuple(out.shape) != want:
+            from edge_vlm.errors import EmbeddingSizeMismatch
+
+            raise EmbeddingSizeMismatch(f"vision.onnx produced {tuple(out.shape)}, the manifest promises {want}: "
+                                        "the files come from different exports; export again")
         return out
 
     def embed(self, image) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""`edge-vlm align` trains only the projection, checkpoints, and resumes to the same result."""
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from edge_vlm.align import AlignConfig, run
+
+
+def _cfg(src, out, cache, **kw):
+    return AlignConfig(source=str(src), out=str(out), steps=4, batch_size=4, save_every=2, eval_every=4,
+                       images=40, val_images=8, cache_dir=str(cache), **kw)
+
+
+def test_resume_after_interruption_gives_the_same_projection(tiny_source, tmp_path, monkeypatch):
+    straight = run(_cfg(tiny_source, tmp_path / "a", tmp_path / "cache-a"), log=lambda *a: None)
+    assert straight["final"]["step"] == 4 and np.isfinite(straight["final"]["val_loss"])
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def flaky_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the machine went away after the step-2 checkpoint
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(tiny_source, tmp_path / "b", tmp_path / "cache-b"), log=lambda *a: None)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    msgs = []
+    run(_cfg(tiny_source, tmp_path / "b", tmp_path / "cache-b", resume=True), log=msgs.append)
+    assert any("resumed" in m and "step 2" in m for m in msgs)
+    a, b = load_file(str(tmp_path / "a" / "projection.safetensors")), load_file(str(tmp_path / "b" / "projection.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "b" / "training_curve.csv").read_text().count("\n") == 5  # header + 4 steps
+
+
+def test_only_the_projection_changes(tiny_source, tmp_path):
+    import json
+
+    from edge_vlm.families import nano
+
+    run(_cfg(tiny_source, tmp_path / "o", tmp_path / "c"), log=lambda *a: None)
+    before = load_file(str(tiny_source / "projection.safetensors"))
+    after = load_file(str(tmp_path / "o" / "projection.safetensors"))
+    assert set(after) == {"weight", "bias"} and not np.allclose(before["weight"], after["weight"])
+    enc = torch.load(tiny_source / "encoder.pth", weights_only=True)
+    src = nano.load(tiny_source, json.loads((tiny_source / "edge-vlm-source.json").read_text()))
+    for k, v in src.vision.encoder.state_dict().items():  # the frozen encoder is what is on disk
+        assert torch.equal(v, enc[k])
