@@ -117,3 +117,11 @@ def test_embedding_width_and_context_are_checked_before_running():
     with pytest.raises(ContextOverflow):
         list(generate(llm, PromptSpec("<ImageHere>"), "q", np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=80)))
     assert llm.evaluated == 0
+
+
+def test_requant_note_only_when_a_second_rounding_happens():
+    from edge_vlm.export.run import requant_note
+
+    assert "--quant Q4_1" in requant_note("Q4_1", "Q4_K_M")
+    assert requant_note("Q4_1", "Q4_1") is None and requant_note("Q4_1", "Q8_0") is None
+    assert requant_note(None, "Q4_K_M") is None and requant_note("F32", "Q4_0") is None

@@ -135,9 +135,9 @@ class LlamaGGUFWriter:
 def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     import shutil
 
-    from edge_vlm.runtime.llm_gguf import _llama
+    from edge_vlm.runtime.llm_gguf import _llama, recent_log
 
-    llama_cpp = _llama()  # quiet llama.cpp's per-tensor log
+    llama_cpp = _llama()  # llama.cpp's per-tensor log goes to a buffer, not the terminal
     ftype = quant_ftype(quant)
     if quant.upper() == "F32":
         shutil.copyfile(src, dst)
@@ -147,7 +147,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     p.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     if rc != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp failed to quantize to {quant} (code {rc})")
+        raise ExportError(f"llama.cpp failed to quantize to {quant} (code {rc}; llama.cpp: {recent_log()})")
 
 
 def tensor_mix(path: Path) -> dict:

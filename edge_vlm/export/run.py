@@ -1,7 +1,6 @@
 """`edge-vlm export`: source model -> validated bundle, one stage at a time, top to bottom."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +52,18 @@ def load_recipe(path: str) -> dict:
     return data
 
 
+LOSSLESS_ENOUGH = {"F32", "F16", "BF16", "Q8_0"}
+
+
+def requant_note(source_quant: str | None, quant: str) -> str | None:
+    """A source whose LLM was already quantized loses more when re-quantized to another grid."""
+    if not source_quant or source_quant in ("F32", "F16", "BF16") or quant in LOSSLESS_ENOUGH | {source_quant}:
+        return None
+    return (f"note: the source LLM's weights are already {source_quant}; {quant} rounds them a second time. "
+            f"--quant {source_quant} re-encodes them exactly (for the built-in model see "
+            "benchmarks/results/nano-easyvqa-accuracy.md)")
+
+
 STAGES = ["load source", "vision -> ONNX", "validate vision", "LLM -> GGUF", "quantize LLM",
           "validate LLM", "write manifest"]
 
@@ -73,15 +84,16 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
 
     quant = cfg.quant_type()
     llm_gguf.quant_ftype(quant)  # fail on an unknown type before any work
+    quant = quant.upper()
     resolve_source(cfg.source)
-    bar = tqdm(STAGES, desc="export", unit="stage", disable=not progress)
-    stage = iter(bar)
-    timings = {}
+    bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress)
+    stages, begun = iter(STAGES), []
 
-    def step():
-        name = next(stage)
-        bar.set_postfix_str(name)
-        timings[name] = time.perf_counter()
+    def step():  # close the previous stage on the bar, open the next
+        if begun:
+            bar.update(1)
+        begun.append(next(stages))
+        bar.set_postfix_str(begun[-1])
 
     with BundleWriter(Path(cfg.out), cfg.force) as bw:
         step()
@@ -116,6 +128,9 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         finally:
             test.close()
         llm_gguf.check_agreement(quant, agreement)
+        note = requant_note(src.description.get("llm_source_quant"), quant)
+        if note and progress:
+            tqdm.write(note)
         step()
         n_embd = src.llm.config.hidden_size
         manifest = Manifest(
@@ -129,9 +144,10 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
             prompt=src.prompt,
             edge_vlm_version=__version__,
             validation={"vision": vision_check, "llm": {"prompt": VALIDATION_PROMPT, **agreement},
-                        "tokenizer": tokenizer_check},
+                        "tokenizer": tokenizer_check, **({"notes": [note]} if note else {})},
         )
         out = bw.commit(manifest)
+    bar.update(1)
     bar.close()
     return out
 

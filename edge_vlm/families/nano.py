@@ -133,6 +133,7 @@ def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
                            image_size=v.get("image_size", 256), pool=v.get("pool", 2), concat=v.get("concat", 4))
     cfg.check()
     llm, tok = load_llm(root, desc["llm"])
+    source_quant = gguf_weight_type(resolve_file(root, desc["llm"]["gguf"], "llm.gguf")) if "gguf" in desc["llm"] else None
     n_embd = llm.config.hidden_size
     stack = vision_stack_class()(cfg, n_embd)
     enc_path = resolve_file(root, v["encoder_weights"], "vision.encoder_weights")
@@ -150,8 +151,21 @@ def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
     return SourceModel("nano", {"name": desc.get("name", root.name), "description": desc.get("description", ""),
                                 "image_tokens": cfg.n_image_tokens,
                                 # llama.cpp's pre-tokenizer name; SmolLM2's byte-level BPE is "smollm"
-                                "tokenizer_pre": desc["llm"].get("tokenizer_pre", "smollm")},
+                                "tokenizer_pre": desc["llm"].get("tokenizer_pre", "smollm"),
+                                # the LLM's weights were already quantized (e.g. a Q4_1 GGUF): recorded so
+                                # export can warn that other types round them a second time
+                                "llm_source_quant": source_quant},
                        stack, llm, tok, pre, prompt, llm.config.model_type)
+
+
+def gguf_weight_type(path: Path) -> str:
+    """The type holding most of a GGUF's weights (what it was quantized to)."""
+    import gguf
+
+    counts = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return max(counts, key=counts.get)
 
 
 def _safe_torch_load(path: Path) -> dict:

@@ -6,8 +6,10 @@ total is checked against `n_ctx` by the caller before anything is evaluated.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +27,38 @@ class LlamaCppConfig:
     exact: bool = False  # F32 KV cache and no flash attention: bit-for-bit comparisons in tests
 
 
+# llama.cpp logs every tensor it loads or quantizes (some of it at error level). We keep the
+# recent lines and show them only inside our own error messages, or live with EDGE_VLM_LLAMA_VERBOSE=1.
+LLAMA_LOG: collections.deque = collections.deque(maxlen=64)
+_log_callback = None
+
+
 def _llama():
+    global _log_callback
     try:
         import llama_cpp
-        import llama_cpp._logger as log
     except ImportError as e:
         raise MissingPackage("llama-cpp-python", 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36',
                              "GGUF bundles run on llama.cpp") from e
-    if not os.environ.get("EDGE_VLM_LLAMA_VERBOSE"):
-        log.set_verbose(False)
+    if _log_callback is None:
+        verbose = bool(os.environ.get("EDGE_VLM_LLAMA_VERBOSE"))
+
+        @llama_cpp.llama_log_callback
+        def _log(level, text, user_data):
+            line = text.decode("utf-8", errors="replace")
+            LLAMA_LOG.append(line)
+            if verbose:
+                sys.stderr.write(line)
+
+        _log_callback = _log  # keep a reference: llama.cpp holds only the C pointer
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def recent_log(n: int = 3) -> str:
+    """The last few substantive llama.cpp log lines, for error messages."""
+    lines = [ln.strip() for ln in LLAMA_LOG if ln.strip() and ln.strip() != "."]
+    return " | ".join(lines[-n:])
 
 
 class LlamaCppSession:
@@ -47,10 +71,11 @@ class LlamaCppSession:
         self.model = self.ctx = None
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = cfg.gpu_layers if cfg.gpu_layers >= 0 else 10_000
+        LLAMA_LOG.clear()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise BundleError(f"llama.cpp cannot load {path}: the GGUF file is truncated or corrupt "
-                              "(run `edge-vlm inspect` on the bundle, then export it again)")
+                              f"(llama.cpp: {recent_log()}); run `edge-vlm inspect` on the bundle, then export it again")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_embd = int(L.llama_model_n_embd(self.model))
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
