@@ -52,9 +52,16 @@ def main():
     print(markdown(data))
 
 
+def _negated(question: str) -> bool:
+    return bool({"not", "no"} & set(question.lower().replace("?", " ").split()))
+
+
 def _acc(r):
+    misses = [[x["question"], x["answer"], x["output"]] for x in r["records"] if not x["correct"]]
     return {"accuracy": round(r["accuracy"], 4), "correct": r["correct"], "n": r["n"],
-            "by_kind": {k: round(v["accuracy"], 4) for k, v in r["by_kind"].items()}, "eval_seconds": r["seconds"]}
+            "by_kind": {k: round(v["accuracy"], 4) for k, v in r["by_kind"].items()}, "eval_seconds": r["seconds"],
+            "negated_questions": sum(_negated(x["question"]) for x in r["records"]),
+            "misses_on_negated_questions": sum(_negated(q) for q, _, _ in misses), "misses": misses}
 
 
 def markdown(d: dict) -> str:
@@ -71,6 +78,10 @@ def markdown(d: dict) -> str:
                      f"{r['accuracy']:.1%} | {100 * (r['accuracy'] - ref):+.1f} | {k.get('color', 0):.1%} | "
                      f"{k.get('shape', 0):.1%} | {k.get('yes/no', 0):.1%} | "
                      f"{r.get('same_answer_text_as_reference', 1.0):.1%} |")
+    r0 = d["rows"][0]
+    lines += ["", f"The fp32 reference misses {r0['n'] - r0['correct']} questions; "
+                  f"{r0['misses_on_negated_questions']} of them are negated (\"is there not …\", \"is no … present?\"), "
+                  f"which are {r0['negated_questions']} of the {r0['n']} questions. Every miss is listed in the JSON."]
     return "\n".join(lines) + "\n"
 
 

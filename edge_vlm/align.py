@@ -21,8 +21,8 @@ import numpy as np
 @dataclass(frozen=True)
 class AlignConfig:
     source: str = "nano"
-    out: str = "edge_vlm/models/nano"
-    steps: int = 400
+    out: str = "runs/align"  # a complete source folder: `edge-vlm export runs/align` uses it
+    steps: int = 800
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 20
@@ -31,6 +31,7 @@ class AlignConfig:
     save_every: int = 50
     eval_every: int = 50
     val_images: int = 200  # the last N train images are held out for validation
+    val_questions: int = 400  # scored every eval_every steps, spread evenly over the held-out images
     images: int = 0  # use only the first N train images (0 = all 4,000): quick experiments and tests
     threads: int = 0
     cache_dir: str = ".cache/align"
@@ -55,7 +56,9 @@ def _features(src, image_paths: list[Path], cache: Path, batch: int = 64) -> np.
             out.append(src.vision.features(torch.from_numpy(px)).numpy().astype(np.float16))
     feats = np.concatenate(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, feats)
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, feats)
+    tmp.replace(cache)  # a run killed mid-save must not leave a truncated cache behind
     return feats
 
 
@@ -99,6 +102,8 @@ class _Batcher:
 
 
 def _loss_and_acc(llm, embeds, labels, mask):
+    """Mean cross-entropy over answer tokens, and (correct, total) for each answer's first token
+    (the answer word), teacher-forced."""
     import torch
 
     h = llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -108,11 +113,10 @@ def _loss_and_acc(llm, embeds, labels, mask):
     logits = llm.lm_head(h[:, :-1][sel])
     y = tgt[sel]
     loss = torch.nn.functional.cross_entropy(logits, y)
-    # first-answer-token accuracy (the answer word), teacher-forced
     first = sel & ~torch.cat([torch.zeros_like(sel[:, :1]), sel[:, :-1]], 1)
     first_in_sel = first[sel]
-    acc = (logits.argmax(-1)[first_in_sel] == y[first_in_sel]).float().mean()
-    return loss, acc
+    correct = int((logits.argmax(-1)[first_in_sel] == y[first_in_sel]).sum())
+    return loss, correct, int(first_in_sel.sum()), int(y.numel())
 
 
 def run(cfg: AlignConfig, log=print) -> dict:
@@ -141,7 +145,8 @@ def run(cfg: AlignConfig, log=print) -> dict:
                       Path(cfg.cache_dir) / f"easyvqa-train-{desc_key}.npy")
     val_ids = set(image_ids[-cfg.val_images:])
     train = [(index[i], q, a) for q, a, i in rows if i not in val_ids]
-    val = [(index[i], q, a) for q, a, i in rows if i in val_ids][:400]
+    val_all = [(index[i], q, a) for q, a, i in rows if i in val_ids]
+    val = val_all[::max(1, len(val_all) // cfg.val_questions)][:cfg.val_questions]  # spread over all held-out images
     tb, vb = _Batcher(src, train), _Batcher(src, val)
 
     proj = src.vision.proj
@@ -168,35 +173,41 @@ def run(cfg: AlignConfig, log=print) -> dict:
         sched.load_state_dict(state["sched"])
         step, curve = int(state["step"]), [tuple(r) for r in state["curve"].tolist()]
         log(f"resumed from {ckpt} at step {step}")
-    order = np.random.default_rng(cfg.seed).permutation(np.resize(np.arange(len(train)), cfg.steps * cfg.batch_size))
+    # epochs of fresh permutations, so every training question is seen before any is repeated
+    rng = np.random.default_rng(cfg.seed)
+    need = cfg.steps * cfg.batch_size
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-need // len(train)))])[:need]
 
     def validate():
         proj.eval()
-        accs, losses = [], []
+        loss_sum, tokens, correct, answers = 0.0, 0, 0, 0
         with torch.no_grad():
             for s in range(0, len(val), 32):
                 e, l, m = vb.build(list(range(s, min(s + 32, len(val)))), feats, proj)
-                loss, acc = _loss_and_acc(src.llm, e, l, m)
-                losses.append(loss.item())
-                accs.append(acc.item())
+                loss, c, n, t = _loss_and_acc(src.llm, e, l, m)
+                loss_sum += loss.item() * t
+                tokens += t
+                correct += c
+                answers += n
         proj.train()
-        return float(np.mean(losses)), float(np.mean(accs))
+        return loss_sum / tokens, correct / answers
 
     bar = tqdm(total=cfg.steps, initial=step, desc="align", unit="step")
     t0 = time.time()
     while step < cfg.steps:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
         e, l, m = tb.build(idx, feats, proj)
-        loss, acc = _loss_and_acc(src.llm, e, l, m)
+        loss, c, n, _ = _loss_and_acc(src.llm, e, l, m)
+        acc = c / n
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        row = (step, loss.item(), acc.item(), float("nan"), float("nan"))
+        row = (step, loss.item(), acc, float("nan"), float("nan"))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             vl, va = validate()
-            row = (step, loss.item(), acc.item(), vl, va)
+            row = (step, loss.item(), acc, vl, va)
             log(f"step {step}: train loss {loss.item():.3f}  val loss {vl:.3f}  val answer-token acc {va:.3f}")
         curve.append(row)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -209,6 +220,11 @@ def run(cfg: AlignConfig, log=print) -> dict:
             tmp.replace(ckpt)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
+    desc = json.loads((root / "edge-vlm-source.json").read_text())
+    if out.resolve() != root.resolve():
+        desc = _absolute_refs(desc, root)
+        desc = {**desc, "name": f"{desc.get('name', 'nano')}-aligned", "projection": "projection.safetensors"}
+        (out / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, str(out / "projection.safetensors"))
     with open(out / "training_curve.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -220,6 +236,20 @@ def run(cfg: AlignConfig, log=print) -> dict:
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(curve, out / "training_curve.png")
     return summary
+
+
+def _absolute_refs(desc: dict, root: Path) -> dict:
+    """The source's relative file references, made absolute so the copy works from another folder."""
+    def fix(ref):
+        return str((root / ref).resolve()) if isinstance(ref, str) and not Path(ref).is_absolute() else ref
+
+    v, llm = dict(desc.get("vision", {})), dict(desc.get("llm", {}))
+    if "encoder_weights" in v:
+        v["encoder_weights"] = fix(v["encoder_weights"])
+    for k in ("gguf", "hf_dir"):
+        if k in llm:
+            llm[k] = fix(llm[k])
+    return {**desc, "vision": v, "llm": llm}
 
 
 def _plot(curve, path: Path):

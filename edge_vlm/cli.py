@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", default=None,
                    help="built-in model name or folder with edge-vlm-source.json (default: nano, the built-in model)")
     p.add_argument("--recipe", help="TOML export recipe (see export/); flags given here override its fields")
-    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=None,
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None,
                    help="4 -> Q4_K_M, 8 -> Q8_0, 16 -> F16 (default 4)")
-    p.add_argument("--quant", help="any llama.cpp type instead of --bits (Q4_0, Q5_K_M, Q6_K, F32, ...)")
+    q.add_argument("--quant", help="any llama.cpp type instead of --bits (Q4_0, Q4_1, Q5_K_M, Q6_K, F32, ...)")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 before loading (default: sizes)")
+    p.add_argument("--verify", choices=["once", "sha256", "size"], default="once",
+                   help="once (default): sha256 of each file the first time it is loaded, then size+mtime; "
+                        "sha256: hash every time; size: sizes only")
     _add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
 
@@ -78,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("align", help="train the built-in model's projection (MiniGPT-4 stage 1 on easy-VQA)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="edge_vlm/models/nano", help="where projection.safetensors and the curve go")
+    p.add_argument("--out", default="runs/align",
+                   help="folder for projection.safetensors, the curve and an edge-vlm-source.json, so that "
+                        "`edge-vlm export runs/align` exports the retrained model (default runs/align)")
     p.add_argument("--cache-dir", default=".cache/align", help="feature cache and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --cache-dir")
     p.add_argument("--threads", type=int, default=0)
@@ -118,7 +123,7 @@ def cmd_run(a):
     from edge_vlm.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
-    cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify="sha256" if a.verify else "size")
+    cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify=a.verify)
     with Pipeline.load(a.bundle, cfg) as p:
         for note in p.device.notes:
             print(note, file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,12 +139,44 @@ def load_manifest(bundle: Path) -> Manifest:
     return Manifest.from_dict(data)
 
 
-def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> list[dict]:
-    """Check every listed file exists with the recorded size (and sha256 when `hashes`).
+VERIFY_MODES = ("once", "sha256", "size")
 
-    Returns one row per file; raises BundleError naming every bad file.
+
+def _stamp_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edge-vlm" / "verified.json"
+
+
+def _load_stamps() -> dict:
+    try:
+        return json.loads(_stamp_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_stamps(stamps: dict) -> None:
+    try:
+        f = _stamp_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamps))
+        tmp.replace(f)
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+
+
+def verify_files(bundle: Path, manifest: Manifest, hashes: bool | str = True) -> list[dict]:
+    """Check every listed file exists with the recorded size and sha256.
+
+    `hashes`: True/"sha256" hash every file; "once" hash a file the first time this exact file
+    (path, size, mtime) is seen and remember it in ~/.cache/edge-vlm/verified.json; False/"size"
+    check sizes only. Returns one row per file; raises BundleError naming every bad file.
     """
-    rows, bad = [], []
+    mode = {True: "sha256", False: "size"}.get(hashes, hashes)
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {VERIFY_MODES}")
+    stamps = _load_stamps() if mode == "once" else {}
+    rows, bad, changed = [], [], False
     for needed in (manifest.vision.file, manifest.llm.file):
         if needed not in manifest.files:
             bad.append(f"{needed}: used by the manifest but not listed in its files")
@@ -156,11 +189,21 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool = True) -> list[
             row["status"] = "missing"
         elif p.stat().st_size != rec["bytes"]:
             row["status"] = f"size {p.stat().st_size} != {rec['bytes']} (truncated or replaced)"
-        elif hashes and sha256_file(p) != rec["sha256"]:
-            row["status"] = "sha256 mismatch (corrupted or replaced)"
+        elif mode != "size":
+            st = p.stat()
+            key = str(p.resolve())
+            stamp = [st.st_size, st.st_mtime_ns, rec["sha256"]]
+            if mode == "sha256" or stamps.get(key) != stamp:
+                if sha256_file(p) != rec["sha256"]:
+                    row["status"] = "sha256 mismatch (corrupted or replaced)"
+                elif mode == "once":
+                    stamps[key] = stamp
+                    changed = True
         rows.append(row)
         if row["status"] != "ok":
             bad.append(f"{name}: {row['status']}")
+    if changed:
+        _save_stamps(stamps)
     if bad:
         raise BundleError(f"bundle {bundle} is damaged: " + "; ".join(bad) + ". Export it again.")
     return rows

@@ -39,6 +39,11 @@ def load_image(image):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadImage(f"cannot read image {image if not isinstance(image, (bytes, bytearray)) else '<bytes>'}: "
                            f"{e}. Is it a complete PNG/JPEG/WebP file?") from e
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)  # phone photos: apply the camera's orientation tag
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _high_depth_to_8bit(img)
     if img.mode != "RGB":
         if img.mode in ("RGBA", "LA", "P", "PA"):
             img = img.convert("RGBA")
@@ -46,6 +51,18 @@ def load_image(image):
             img = Image.alpha_composite(bg, img)
         img = img.convert("RGB")
     return img
+
+
+def _high_depth_to_8bit(img):
+    """16-bit and float images scaled to 0-255 (Pillow's convert() would clip them to white/black)."""
+    from PIL import Image
+
+    x = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        hi = 1.0 if x.size and x.max() <= 1.0 else 255.0
+    else:  # I;16 and 32-bit I holding 16-bit data
+        hi = 65535.0 if x.size and x.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(x / hi * 255.0), 0, 255).astype(np.uint8), "L")
 
 
 def preprocess(image, image_size: int, mean, std, resize: str = "bicubic") -> np.ndarray:

@@ -20,6 +20,7 @@ def pytest_configure(config):
 def _isolate_home(tmp_path, monkeypatch):
     """No test writes into the user's caches (onnxruntime telemetry, HF caches)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # edge-vlm's verified-hash stamps
 
 
 @pytest.fixture(scope="session")

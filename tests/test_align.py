@@ -35,14 +35,28 @@ def test_resume_after_interruption_gives_the_same_projection(tiny_source, tmp_pa
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "b" / "training_curve.csv").read_text().count("\n") == 5  # header + 4 steps
+    # the output is a complete source: the retrained model exports and runs from there
+    from edge_vlm.families import load_source
+
+    assert load_source(str(tmp_path / "b")).vision.proj.weight.shape == (64, 2560)
 
 
-def test_only_the_projection_changes(tiny_source, tmp_path):
+def test_only_the_projection_changes(tiny_source, tmp_path, monkeypatch):
     import json
 
     from edge_vlm.families import nano
 
+    seen = []
+    real_init = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **k):
+        params = list(params)
+        seen.extend(p.shape for p in params)
+        real_init(self, params, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
     run(_cfg(tiny_source, tmp_path / "o", tmp_path / "c"), log=lambda *a: None)
+    assert sorted(seen) == sorted([torch.Size([64, 2560]), torch.Size([64])])  # Linear(2560 -> 64) only
     before = load_file(str(tiny_source / "projection.safetensors"))
     after = load_file(str(tmp_path / "o" / "projection.safetensors"))
     assert set(after) == {"weight", "bias"} and not np.allclose(before["weight"], after["weight"])

@@ -68,7 +68,24 @@ def test_sha256_mismatch(bundle_copy, shape_image, capsys):
     f.write_bytes(bytes(b))
     code, _, err = run_cli(["inspect", bundle_copy], capsys)
     assert code == 3 and "sha256 mismatch" in err
-    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi", "--verify"], capsys)
+    code, _, err = run_cli(["run", bundle_copy, "--image", shape_image, "--prompt", "hi"], capsys)
+    assert code == 3 and "sha256 mismatch" in err  # the default run hashes a file it has not seen
+
+
+def test_bit_flip_after_a_verified_load_is_caught(bundle_copy, shape_image, capsys):
+    import os
+
+    args = ["run", bundle_copy, "--image", shape_image, "--prompt", "hi", "--max-tokens", "2"]
+    assert run_cli(args, capsys)[0] == 0  # first load hashes and remembers the files
+    f = bundle_copy / "vision.onnx"
+    st = f.stat()
+    b = bytearray(f.read_bytes())
+    b[len(b) // 3] ^= 0x01
+    f.write_bytes(bytes(b))
+    code, _, err = run_cli(args, capsys)
+    assert code == 3 and "vision.onnx: sha256 mismatch" in err
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # even a forged mtime is caught by --verify sha256
+    code, _, err = run_cli(args + ["--verify", "sha256"], capsys)
     assert code == 3 and "sha256 mismatch" in err
 
 

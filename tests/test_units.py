@@ -125,3 +125,18 @@ def test_requant_note_only_when_a_second_rounding_happens():
     assert "--quant Q4_1" in requant_note("Q4_1", "Q4_K_M")
     assert requant_note("Q4_1", "Q4_1") is None and requant_note("Q4_1", "Q8_0") is None
     assert requant_note(None, "Q4_K_M") is None and requant_note("F32", "Q4_0") is None
+
+
+def test_grey_and_16bit_images_preprocess_like_their_8bit_rgb_versions():
+    from PIL import Image
+
+    from edge_vlm.preprocess import preprocess
+
+    g8 = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    args = (16, [0.5] * 3, [0.5] * 3)
+    want = preprocess(Image.fromarray(g8).convert("RGB"), *args)
+    np.testing.assert_allclose(preprocess(Image.fromarray(g8, "L"), *args), want)
+    g16 = Image.fromarray(g8.astype(np.uint16) * 257)  # mode I;16, same picture at 16 bits
+    assert g16.mode.startswith("I;16")
+    np.testing.assert_allclose(preprocess(g16, *args), want, atol=1e-6)
+    np.testing.assert_allclose(preprocess(Image.fromarray(g8.astype(np.float32) / 255, "F"), *args), want, atol=1e-6)

@@ -1,6 +1,7 @@
 """`edge-vlm export`: source model -> validated bundle, one stage at a time, top to bottom."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +130,8 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
             test.close()
         llm_gguf.check_agreement(quant, agreement)
         note = requant_note(src.description.get("llm_source_quant"), quant)
-        if note and progress:
-            tqdm.write(note)
+        if note:
+            tqdm.write(note, file=sys.stderr)
         step()
         n_embd = src.llm.config.hidden_size
         manifest = Manifest(

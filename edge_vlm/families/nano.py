@@ -125,8 +125,15 @@ def load_llm(root: Path, spec: dict):
 
 
 def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
-    import torch
+    """Load a nano source; a malformed description or unreadable file is a SourceError naming it."""
+    try:
+        return _load(root, desc, with_projection)
+    except (KeyError, TypeError) as e:
+        raise SourceError(f"{root / 'edge-vlm-source.json'} is incomplete or malformed: {type(e).__name__} {e} "
+                          "(see edge_vlm/models/nano/edge-vlm-source.json for a complete example)") from e
 
+
+def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
     v = desc.get("vision", {})
     cfg = NanoVisionConfig(encoder=v.get("encoder", "efficientnet-lite0"),
                            encoder_overrides=tuple(sorted(v.get("encoder_overrides", {}).items())),
@@ -143,7 +150,11 @@ def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
         from safetensors.torch import load_file
 
         p = resolve_file(root, desc["projection"], "projection")
-        _load_strict(stack.proj, load_file(str(p)), f"projection {p}")
+        try:
+            weights = load_file(str(p))
+        except Exception as e:  # safetensors raises its own untyped errors for damaged files
+            raise SourceError(f"projection {p} is not a readable safetensors file ({e}); retrain or restore it") from e
+        _load_strict(stack.proj, weights, f"projection {p}")
     stack.eval().requires_grad_(False)
     pre = Preprocess(image_size=cfg.image_size, mean=list(v.get("mean", [0.5] * 3)),
                      std=list(v.get("std", [0.5] * 3)), resize=v.get("resize", "bicubic"))

@@ -25,7 +25,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     n_ctx: int = 2048
     threads: int = 0  # 0 = all cores
-    verify: str = "size"  # size: check every file's size (catches truncation); sha256: full hashes
+    # once: sha256 of each file the first time it is loaded (remembered per path+size+mtime);
+    # sha256: every time; size: sizes only (catches truncation, not bit flips)
+    verify: str = "once"
     exact: bool = False  # llama.cpp F32 KV cache, no flash attention (used by equality tests)
 
 
@@ -56,9 +58,7 @@ class Pipeline:
 
         bundle = Path(bundle)
         m = load_manifest(bundle)
-        if config.verify not in ("size", "sha256"):
-            raise ValueError("verify must be 'size' or 'sha256'")
-        verify_files(bundle, m, hashes=config.verify == "sha256")
+        verify_files(bundle, m, hashes=config.verify)
         backends = _llm_backends()
         if m.llm.backend not in backends:
             raise BundleError(f"bundle uses LLM backend {m.llm.backend!r}, this edge-vlm knows {sorted(backends)}")
