@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def weights(path: Path) -> dict:
@@ -34,7 +34,6 @@ def main():
     a = ap.parse_args()
 
     import gguf
-    import torch
 
     from edge_vlm.export.llm_gguf import _permute_rope
     from edge_vlm.families import load_source

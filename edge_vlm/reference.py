@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_vlm.manifest import Manifest
 from edge_vlm.preprocess import preprocess
-from edge_vlm.runtime.generate import GenerationStats, generate
+from edge_vlm.runtime.generate import generate
 from edge_vlm.runtime.sampling import SamplingConfig
 
 

@@ -1,7 +1,6 @@
 """Bad input gets a clear error, a non-zero exit, and nothing half-written."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

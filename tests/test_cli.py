@@ -3,7 +3,6 @@ import subprocess
 
 import pytest
 import sys
-import time
 
 from edge_vlm.cli import main
 

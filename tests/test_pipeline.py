@@ -4,7 +4,7 @@ import pytest
 
 from edge_vlm.export.llm_gguf import teacher_forced_agreement
 from edge_vlm.manifest import load_manifest
-from edge_vlm.reference import ReferencePipeline, TorchLLMSession
+from edge_vlm.reference import ReferencePipeline
 from edge_vlm.runtime.generate import GenerationStats
 from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
 from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig

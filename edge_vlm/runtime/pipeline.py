@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from edge_vlm.errors import BundleError
+from edge_vlm.errors import BundleError, EmbeddingSizeMismatch
 from edge_vlm.manifest import load_manifest, verify_files
 from edge_vlm.runtime import device as devices
 from edge_vlm.runtime.generate import GenerationStats, generate
@@ -63,8 +63,6 @@ class Pipeline:
         if m.llm.backend not in backends:
             raise BundleError(f"bundle uses LLM backend {m.llm.backend!r}, this edge-vlm knows {sorted(backends)}")
         if m.vision.n_embd != m.llm.n_embd:
-            from edge_vlm.errors import EmbeddingSizeMismatch
-
             raise EmbeddingSizeMismatch(f"manifest: vision n_embd {m.vision.n_embd} != LLM n_embd {m.llm.n_embd}")
         plan = devices.resolve(config.device)
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
@@ -75,8 +73,6 @@ class Pipeline:
             raise
         if llm.n_embd != m.vision.n_embd:
             llm.close()
-            from edge_vlm.errors import EmbeddingSizeMismatch
-
             raise EmbeddingSizeMismatch(f"LLM file has n_embd {llm.n_embd}, vision output is {m.vision.n_embd}")
         return cls(bundle, m, vision, llm, plan)
 
