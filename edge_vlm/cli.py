@@ -8,7 +8,9 @@ import json
 import sys
 
 EPILOG = """examples:
-  edge-vlm export --bits 4 -o nano-q4            # built-in model -> 4-bit bundle
+  edge-vlm export --bits 4 -o nano-q4            # built-in model -> 4-bit bundle (backend auto: gguf)
+  edge-vlm export --backend onnx --bits 4 -o nano-onnx4   # ONNX int4 decoder (any architecture)
+  edge-vlm backends                              # what each LLM backend can do on this machine
   edge-vlm run nano-q4 --image shape.png --prompt "what color is the shape?"
   edge-vlm eval nano-q4 --limit 200              # easy-VQA accuracy of the bundle
   edge-vlm eval nano --limit 200                 # ... and of the unquantized torch reference
@@ -34,18 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    p = sub.add_parser("export", help="source model -> bundle (vision ONNX + quantized GGUF LLM + manifest)",
+    p = sub.add_parser("export", help="source model -> bundle (vision ONNX + quantized LLM + manifest)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Convert a model to a bundle. The vision encoder + projection become one ONNX "
                                    "file (validated against torch at batch sizes other than the traced one); the "
-                                   "LLM becomes a GGUF quantized by llama.cpp (validated against torch on a real "
-                                   "image). The bundle appears only when everything passed.")
+                                   "LLM is quantized by one of the backends below and validated against torch on a "
+                                   "real image. The bundle appears only when everything passed.",
+                       epilog="""LLM backends (--backend; `edge-vlm backends` says which work here):
+  gguf   llama.cpp: --bits 4 Q4_K_M, 8 Q8_0, 16 F16, or --quant TYPE. Llama architecture. No torch at runtime.
+  onnx   ONNX decoder + KV cache on onnxruntime: --bits 4/8 MatMulNBits (--group-size, default 32;
+         --accuracy-level), 16 fp16 weights. Any torch decoder. No torch at runtime.
+  gptq   GPTQModel: --bits 4/8, --group-size (default 128), calibrated on --calibration image
+         (image embeddings + prompt + answer, default) or text sequences. Runs through torch.
+  bnb    bitsandbytes: --bits 4 nf4 + double quant, 8 int8. Any transformers decoder. Runs through torch.
+  auto   (default) the first of gguf, onnx, gptq, bnb that can take the model's architecture and bits
+         and is installed; prints why.""")
     p.add_argument("source", nargs="?", default=None,
                    help="built-in model name or folder with edge-vlm-source.json (default: nano, the built-in model)")
     p.add_argument("--recipe", help="TOML export recipe (see export/); flags given here override its fields")
+    p.add_argument("--backend", choices=["auto", "gguf", "onnx", "gptq", "bnb"], default=None,
+                   help="how the LLM is quantized and run (default auto; see below)")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None,
-                   help="4 -> Q4_K_M, 8 -> Q8_0, 16 -> F16 (default 4)")
-    q.add_argument("--quant", help="any llama.cpp type instead of --bits (Q4_0, Q4_1, Q5_K_M, Q6_K, F32, ...)")
+    q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None, help="LLM weight bits (default 4)")
+    q.add_argument("--quant", help="gguf only: any llama.cpp type instead of --bits (Q4_0, Q4_1, Q5_K_M, Q6_K, F32, ...)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="onnx: MatMulNBits block size (default 32); gptq: group size (default 128)")
+    p.add_argument("--accuracy-level", type=int, default=None,
+                   help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
+    p.add_argument("--calibration", choices=["image", "text"], default=None,
+                   help="gptq: calibrate on image-conditioned sequences (default) or on text alone")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="device the bundle is for (backend auto skips backends that cannot run there)")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
@@ -64,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sha256: hash every time; size: sizes only")
     _add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+
+    p = sub.add_parser("backends", help="the LLM backends: bits, devices, architectures, installed and usable here")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="print a bundle's manifest and verify every file's sha256")
     p.add_argument("bundle")
@@ -101,21 +126,41 @@ def cmd_export(a):
     from edge_vlm.export.run import load_recipe
 
     fields = load_recipe(a.recipe) if a.recipe else {}
-    flags = {"source": a.source, "bits": a.bits, "quant": a.quant}
+    flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
+             "group_size": a.group_size, "accuracy_level": a.accuracy_level, "calibration": a.calibration}
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
     fields.update({k: v for k, v in flags.items() if v is not None})
-    out = run(ExportConfig(**fields, out=a.out, force=a.force, threads=a.threads), progress=not a.json)
+    out = run(ExportConfig(**fields, out=a.out, force=a.force, threads=a.threads, device=a.device),
+              progress=not a.json)
     m = load_manifest(out)
     if a.json:
         print(m.to_json(), end="")
     else:
         total = sum(f["bytes"] for f in m.files.values())
-        q = m.llm.quant
-        print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {q['requested']} ({q['bits_per_weight']} bits/weight: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in q["tensor_types"].items())
-              + f"); vision ONNX max |diff| vs torch {max(m.validation['vision']['max_abs_diff'].values()):.2g}; "
+        print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {m.llm.backend} {_quant_line(m.llm.quant)}; vision ONNX "
+              f"max |diff| vs torch {max(m.validation['vision']['max_abs_diff'].values()):.2g}; "
               f"LLM top-1 agreement vs torch {m.validation['llm']['top1_agreement']:.0%}")
+
+
+def _quant_line(q: dict) -> str:
+    types = ", ".join(f"{k} {v:.0%}" for k, v in q.get("tensor_types", {}).items())
+    extra = "".join(f", {k} {q[k]}" for k in ("group_size", "calibration") if q.get(k) is not None)
+    return f"{q.get('requested')} ({q.get('bits_per_weight')} bits/weight: {types}{extra})"
+
+
+def cmd_backends(a):
+    from edge_vlm.backends import table
+
+    rows = table(a.device)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'backend':<8} {'bits':<8} {'devices':<9} {'architectures':<18} {'torch at runtime':<17} usable here")
+    for r in rows:
+        archs = r["architectures"] if isinstance(r["architectures"], str) else ", ".join(r["architectures"])
+        print(f"{r['backend']:<8} {'/'.join(map(str, r['bits'])):<8} {'/'.join(r['devices']):<9} {archs:<18} "
+              f"{'yes' if r['runtime_needs_torch'] else 'no':<17} {'yes' if r['usable'] else 'NO: ' + r['why']}")
 
 
 def cmd_run(a):
@@ -151,8 +196,7 @@ def cmd_inspect(a):
     print(f"  family      {m.family}: {m.source.get('description', '')}")
     print(f"  vision      {m.vision.file}: {m.preprocess.image_size}px {m.preprocess.resize}, mean {m.preprocess.mean}, "
           f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}")
-    print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {q.get('requested')} "
-          f"({q.get('bits_per_weight')} bits/weight; " + ", ".join(f"{k} {v:.0%}" for k, v in q.get("tensor_types", {}).items()) + ")")
+    print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {_quant_line(q)}")
     print(f"  prompt      {m.prompt.template!r}")
     print(f"  stop        {m.prompt.stop}")
     v = m.validation
@@ -189,7 +233,16 @@ def cmd_align(a):
     print(json.dumps(s, indent=2))
 
 
-COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+COMMANDS = {"export": cmd_export, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+
+
+def _quiet_third_party_logs():
+    """torchao (installed with gptqmodel) warns on import about CUDA kernels a CPU build cannot load,
+    and torch's pytree about its enums; neither says anything to an edge-vlm user."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:
@@ -200,6 +253,7 @@ def main(argv=None) -> int:
         return 0
     from edge_vlm.errors import EdgeVLMError
 
+    _quiet_third_party_logs()
     try:
         COMMANDS[a.cmd](a)
     except EdgeVLMError as e:

@@ -41,12 +41,13 @@ class VisionSpec:
 
 @dataclass
 class LLMSpec:
-    backend: str  # "gguf"
-    file: str
-    arch: str
+    backend: str  # a key of edge_vlm.backends.BACKENDS: gguf | onnx | gptq | bnb
+    file: str  # a file (gguf, onnx) or a folder of files (gptq, bnb checkpoints) inside the bundle
+    arch: str  # the HF model_type of the source LLM
     n_embd: int
     n_ctx_train: int
-    quant: dict = field(default_factory=dict)  # requested type, real tensor-type mix, bits/weight
+    quant: dict = field(default_factory=dict)  # bits, method, group size, calibration, real type mix, bits/weight
+    tokenizer: dict = field(default_factory=dict)  # backends without their own tokenizer: file, bos/eog ids
 
 
 @dataclass
@@ -178,11 +179,12 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool | str = True) ->
     stamps = _load_stamps() if mode == "once" else {}
     rows, bad, changed = [], [], False
     for needed in (manifest.vision.file, manifest.llm.file):
-        if needed not in manifest.files:
+        if needed not in manifest.files and not any(n.startswith(needed + "/") for n in manifest.files):
             bad.append(f"{needed}: used by the manifest but not listed in its files")
     for name, rec in manifest.files.items():
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise BundleError(f"manifest lists {name!r}: bundle files must be plain names inside the bundle folder")
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            raise BundleError(f"manifest lists {name!r}: bundle files must be relative paths inside the bundle folder")
         p = Path(bundle) / name
         row = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"], "status": "ok"}
         if not p.is_file():

@@ -9,70 +9,10 @@ import numpy as np
 
 from edge_vlm.preprocess import preprocess
 from edge_vlm.runtime.generate import generate
+from edge_vlm.runtime.llm_torch import TorchLLMSession
 from edge_vlm.runtime.sampling import SamplingConfig
 
-
-# Token texts llama.cpp also treats as end-of-generation when they are special tokens
-# (llama-vocab.cpp's EOG list); the reference must stop where the bundle stops.
-EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|end_of_text|>")
-
-
-class TorchLLMSession:
-    def __init__(self, model, tokenizer, n_ctx: int = 2048):
-        self.model, self.tok = model, tokenizer
-        self.n_embd = model.config.hidden_size
-        self.n_ctx = min(n_ctx, getattr(model.config, "max_position_embeddings", n_ctx))
-        self.embed = model.get_input_embeddings()
-        special = set(tokenizer.all_special_tokens) | {
-            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
-        self.eog = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in EOG_TEXTS if t in special}
-        self.reset()
-
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        ids = self.tok(text, add_special_tokens=False).input_ids
-        if add_bos and self.tok.bos_token_id is not None:
-            ids = [self.tok.bos_token_id] + ids
-        return ids
-
-    def reset(self):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        self.n_past = 0
-        self._logits = None
-
-    def _run(self, embeds):
-        import torch
-
-        n = embeds.shape[1]
-        pos = torch.arange(self.n_past, self.n_past + n)[None]
-        with torch.no_grad():
-            out = self.model(inputs_embeds=embeds, past_key_values=self.cache, position_ids=pos, use_cache=True)
-        self.n_past += n
-        self._logits = out.logits[0, -1].float().numpy()
-
-    def eval_tokens(self, ids):
-        import torch
-
-        with torch.no_grad():
-            self._run(self.embed(torch.tensor([ids])))
-
-    def eval_embeds(self, embeds):
-        import torch
-
-        self._run(torch.from_numpy(np.asarray(embeds, np.float32))[None])
-
-    def logits(self):
-        return self._logits
-
-    def is_eog(self, token):
-        return token in self.eog
-
-    def detokenize(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def close(self):
-        pass
+__all__ = ["ReferencePipeline", "TorchLLMSession"]
 
 
 class ReferencePipeline:

@@ -205,7 +205,7 @@ def test_bad_sampling_options(bundle_copy, shape_image, capsys, flag, value):
 @pytest.mark.parametrize("edit,message", [
     (lambda m: [], "does not hold a JSON object"),
     (lambda m: {**m, "format_version": 99}, "format version 99"),
-    (lambda m: {**m, "files": {**m["files"], "../evil": {"bytes": 1, "sha256": "0" * 64}}}, "plain names"),
+    (lambda m: {**m, "files": {**m["files"], "../evil": {"bytes": 1, "sha256": "0" * 64}}}, "relative paths inside"),
     (lambda m: {**m, "files": {k: {"bytes": v["bytes"]} for k, v in m["files"].items()}}, "malformed"),
     (lambda m: {**m, "preprocess": {**m["preprocess"], "resize": "lanczos9"}}, "unknown resize"),
 ])

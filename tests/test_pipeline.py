@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edge_vlm.export.llm_gguf import teacher_forced_agreement
+from edge_vlm.export.llm_validate import teacher_forced_agreement
 from edge_vlm.manifest import load_manifest
 from edge_vlm.reference import ReferencePipeline
 from edge_vlm.runtime.generate import GenerationStats

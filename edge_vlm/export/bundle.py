@@ -56,7 +56,7 @@ class BundleWriter:
         return self.tmp / name
 
     def commit(self, manifest: Manifest) -> Path:
-        manifest.files = {p.name: describe_file(p) for p in sorted(self.tmp.iterdir())
+        manifest.files = {p.relative_to(self.tmp).as_posix(): describe_file(p) for p in sorted(self.tmp.rglob("*"))
                           if p.is_file() and p.name != MANIFEST}
         part = self.tmp / (MANIFEST + ".part")
         part.write_text(manifest.to_json())

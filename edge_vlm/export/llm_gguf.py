@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_vlm.errors import BadInput, ExportError, ExportValidationError, SourceError
+from edge_vlm.errors import BadInput, ExportError, SourceError
 
 BITS_TO_QUANT = {4: "Q4_K_M", 8: "Q8_0", 16: "F16"}
 
@@ -23,6 +23,8 @@ BITS_TO_QUANT = {4: "Q4_K_M", 8: "Q8_0", 16: "F16"}
 # `edge-vlm eval` measures quality.
 MIN_AGREEMENT = {"F32": 0.95, "F16": 0.9, "BF16": 0.8, "Q8_0": 0.75}
 MIN_AGREEMENT_DEFAULT = 0.4
+
+STAGES = ("LLM -> GGUF", "quantize LLM", "validate LLM")
 
 
 def quant_ftype(name: str) -> int:
@@ -165,43 +167,33 @@ def tensor_mix(path: Path) -> dict:
             "bits_per_weight": round(8 * nbytes / elems, 3), "n_params": elems}
 
 
-TOKENIZER_PROBES = ("Hello, world!", "  two  spaces\tand a tab\n", "3.14159 + 42 = 45.14159",
-                    "café naïve 日本語 emoji 🙂", "<|im_start|>user\nwhat?<|im_end|>\n")
+def export_llm(ctx):
+    """The gguf backend's export stages; returns the manifest's LLM section and its validation."""
+    from edge_vlm.export import llm_validate
+    from edge_vlm.manifest import LLMSpec
+    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
 
-
-def check_tokenizer(ref, test, prompt) -> dict:
-    """The GGUF's tokenizer must give the reference's ids for the template and tricky strings."""
-    before, after = prompt.render("what color is the shape?")
-    cases = (before, after) + TOKENIZER_PROBES
-    bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)]
-    if bad:
-        raise ExportValidationError("GGUF tokenizer", {repr(c)[:40]: float("nan") for c in bad},
-                                    "identical token ids (is tokenizer_pre right for this tokenizer?)")
-    return {"strings": len(cases), "identical_ids": True}
-
-
-def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:
-    """Top-1 agreement of `test` with `ref` along `ref`'s own greedy continuation (EOS ignored)."""
-    from edge_vlm.runtime.generate import GenerationStats, prefill
-
-    prefill(ref, prompt, user_text, image_embeds, n, GenerationStats())
-    prefill(test, prompt, user_text, image_embeds, n, GenerationStats())
-    agree, first_diff = 0, None
-    for i in range(n):
-        lr, lt = ref.logits(), test.logits()
-        if first_diff is None:
-            first_diff = float(np.max(np.abs(lr - lt)))
-        tok = int(np.argmax(lr))
-        agree += int(tok == int(np.argmax(lt)))
-        if i + 1 < n:
-            ref.eval_tokens([tok])
-            test.eval_tokens([tok])
-    return {"tokens": n, "top1_agreement": agree / n, "first_logits_max_abs_diff": first_diff}
-
-
-def check_agreement(quant: str, result: dict) -> None:
-    floor = MIN_AGREEMENT.get(quant.upper(), MIN_AGREEMENT_DEFAULT)
-    result["min_agreement"] = floor
-    if result["top1_agreement"] < floor:
-        raise ExportValidationError(f"LLM {quant}", {"top1_agreement": result["top1_agreement"]},
-                                    f"a teacher-forced top-1 agreement floor of {floor}")
+    cfg, src = ctx.cfg, ctx.src
+    quant = ctx.quant.upper()
+    ctx.step("LLM -> GGUF")
+    base = ctx.bw.path("llm-f32.tmp.gguf")
+    LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm")).write(
+        src.llm, src.tokenizer, base, name=src.description.get("name", "edge-vlm"))
+    ctx.step("quantize LLM")
+    llm_file = f"llm-{quant.lower()}.gguf"
+    quantize(base, ctx.bw.path(llm_file), quant, cfg.threads)
+    base.unlink()
+    mix = tensor_mix(ctx.bw.path(llm_file))
+    ctx.step("validate LLM")
+    test = LlamaCppSession(ctx.bw.path(llm_file), LlamaCppConfig(n_ctx=512, exact=True, n_threads=cfg.threads))
+    try:
+        tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, test, src.prompt, "GGUF tokenizer")
+        agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, test, src.prompt, ctx.validation_prompt,
+                                                          ctx.image_embeds, cfg.n_validate_tokens)
+    finally:
+        test.close()
+    llm_validate.check_agreement(f"LLM {quant}", agreement, MIN_AGREEMENT.get(quant, MIN_AGREEMENT_DEFAULT))
+    spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
+                   n_ctx_train=src.llm.config.max_position_embeddings,
+                   quant={"requested": quant, "method": "llama.cpp", **mix})
+    return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

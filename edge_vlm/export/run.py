@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from edge_vlm.errors import BadInput
 
@@ -12,23 +13,28 @@ from edge_vlm.errors import BadInput
 class ExportConfig:
     source: str | None = None  # built-in name or folder with edge-vlm-source.json (default: nano)
     out: str = "bundle"
-    bits: int = 4  # 4 -> Q4_K_M, 8 -> Q8_0, 16 -> F16
-    quant: str | None = None  # any llama.cpp type, overrides --bits
+    backend: str = "auto"  # gguf | onnx | gptq | bnb | auto (see edge_vlm/backends.py)
+    bits: int = 4
+    quant: str | None = None  # gguf only: any llama.cpp type, overrides --bits
+    group_size: int | None = None  # onnx MatMulNBits block size (default 32) / gptq group size (default 128)
+    accuracy_level: int | None = None  # onnx MatMulNBits accuracy level
+    calibration: str = "image"  # gptq: image-conditioned (default) or text-only calibration sequences
+    device: str = "auto"  # the device the bundle is meant for: auto | cpu | cuda
     force: bool = False
     threads: int = 0
     n_validate_tokens: int = 16
 
-    def quant_type(self) -> str:
+    def gguf_quant(self) -> str:
         from edge_vlm.export.llm_gguf import BITS_TO_QUANT
 
         if self.quant:
             return self.quant.upper()
         if self.bits not in BITS_TO_QUANT:
-            raise BadInput(f"--bits {self.bits} is not supported: use 4, 8 or 16, or --quant TYPE")
+            raise BadInput(f"--bits {self.bits} is not supported by gguf: use 4, 8 or 16, or --quant TYPE")
         return BITS_TO_QUANT[self.bits]
 
 
-RECIPE_FIELDS = {"source", "bits", "quant"}
+RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "calibration"}
 
 
 def load_recipe(path: str) -> dict:
@@ -65,87 +71,103 @@ def requant_note(source_quant: str | None, quant: str) -> str | None:
             "benchmarks/results/nano-easyvqa-accuracy.md)")
 
 
-STAGES = ["load source", "vision -> ONNX", "validate vision", "LLM -> GGUF", "quantize LLM",
-          "validate LLM", "write manifest"]
+COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision")
 
 VALIDATION_PROMPT = "Describe the image."
+
+
+@dataclass
+class ExportContext:
+    """What every backend's `export_llm(ctx)` gets: the loaded source, the bundle being written,
+    the torch reference session and a real image's embeddings to validate against."""
+
+    cfg: ExportConfig
+    src: object  # families' SourceModel
+    bw: object  # BundleWriter
+    ref_llm: object  # TorchLLMSession over src.llm
+    image_embeds: object  # np.ndarray [n_image_tokens, n_embd] from the torch vision stack
+    step: Callable[[str], None]  # announce the next stage (progress bar)
+    quant: str = ""  # gguf: the llama.cpp type
+    validation_prompt: str = VALIDATION_PROMPT
+    notes: list = field(default_factory=list)
+
+
+def pick_backend(cfg: ExportConfig, arch: str | None):
+    from edge_vlm.backends import choose
+
+    if cfg.quant and cfg.backend not in ("auto", "gguf"):
+        raise BadInput(f"--quant names a llama.cpp type; it cannot be used with --backend {cfg.backend}")
+    requested = "gguf" if cfg.quant else cfg.backend
+    return choose(requested, arch, None if cfg.quant else cfg.bits, cfg.device)
 
 
 def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     from edge_vlm import __version__
-    from edge_vlm.export import llm_gguf
+    from edge_vlm.backends import exporter_module
     from edge_vlm.export.bundle import BundleWriter
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
     from edge_vlm.families import load_source, resolve_source
-    from edge_vlm.manifest import LLMSpec, Manifest, VisionSpec
+    from edge_vlm.manifest import Manifest, VisionSpec
     from edge_vlm.reference import ReferencePipeline, TorchLLMSession
-    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
 
-    quant = cfg.quant_type()
-    llm_gguf.quant_ftype(quant)  # fail on an unknown type before any work
-    quant = quant.upper()
+    if cfg.calibration not in ("image", "text"):
+        raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
+    pick_backend(cfg, None)  # an impossible flag combination fails before any work
+    if cfg.quant or cfg.backend == "gguf":
+        from edge_vlm.export import llm_gguf
+
+        llm_gguf.quant_ftype(cfg.gguf_quant())
     resolve_source(cfg.source)
-    bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress)
-    stages, begun = iter(STAGES), []
+    bar = tqdm(total=len(COMMON_STAGES) + 1, desc="export", unit="stage", disable=not progress)
+    begun = []
 
-    def step():  # close the previous stage on the bar, open the next
+    def step(name: str):  # close the previous stage on the bar, open the next
         if begun:
             bar.update(1)
-        begun.append(next(stages))
-        bar.set_postfix_str(begun[-1])
+        begun.append(name)
+        bar.set_postfix_str(name)
 
     with BundleWriter(Path(cfg.out), cfg.force) as bw:
-        step()
+        step("load source")
         src = load_source(cfg.source)
-        step()
+        backend, why = pick_backend(cfg, src.llm_arch)
+        tqdm.write(why, file=sys.stderr)
+        exporter = exporter_module(backend)
+        bar.total = len(COMMON_STAGES) + len(exporter.STAGES) + 1
+        bar.refresh()
+        step("vision -> ONNX")
         vx = VisionOnnxExporter()
         vision_file = "vision.onnx"
         vx.export(src.vision, src.preprocess.image_size, bw.path(vision_file))
-        step()
+        step("validate vision")
         ref = ReferencePipeline(src)
         sample_image = _sample_image()
         vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size,
                                    ref.pixels(sample_image))
-        step()
-        base = bw.path("llm-f32.tmp.gguf")
-        llm_gguf.LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm")).write(
-            src.llm, src.tokenizer, base, name=src.description.get("name", "edge-vlm"))
-        step()
-        llm_file = f"llm-{quant.lower()}.gguf"
-        llm_gguf.quantize(base, bw.path(llm_file), quant, cfg.threads)
-        base.unlink()
-        mix = llm_gguf.tensor_mix(bw.path(llm_file))
-        step()
-        emb = ref.embed(sample_image)
-        test = LlamaCppSession(bw.path(llm_file), LlamaCppConfig(n_ctx=512, exact=True, n_threads=cfg.threads))
-        try:
-            ref_llm = TorchLLMSession(src.llm, src.tokenizer)
-            tokenizer_check = llm_gguf.check_tokenizer(ref_llm, test, src.prompt)
-            agreement = llm_gguf.teacher_forced_agreement(ref_llm, test, src.prompt, VALIDATION_PROMPT, emb,
-                                                          cfg.n_validate_tokens)
-            n_ctx_train = src.llm.config.max_position_embeddings
-        finally:
-            test.close()
-        llm_gguf.check_agreement(quant, agreement)
-        note = requant_note(src.description.get("llm_source_quant"), quant)
-        if note:
+        ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=TorchLLMSession(src.llm, src.tokenizer),
+                            image_embeds=ref.embed(sample_image), step=step,
+                            quant=cfg.gguf_quant() if backend.name == "gguf" else "")
+        llm_spec, llm_validation = exporter.export_llm(ctx)
+        if backend.name == "gguf":
+            note = requant_note(src.description.get("llm_source_quant"), ctx.quant)
+            if note:
+                ctx.notes.append(note)
+        for note in ctx.notes:
             tqdm.write(note, file=sys.stderr)
-        step()
-        n_embd = src.llm.config.hidden_size
+        step("write manifest")
         manifest = Manifest(
             family=src.family,
             source={**src.description, "path": str(resolve_source(cfg.source))},
             preprocess=src.preprocess,
             vision=VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
-                              n_image_tokens=src.description["image_tokens"], n_embd=n_embd),
-            llm=LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=n_embd,
-                        n_ctx_train=n_ctx_train, quant={"requested": quant, **mix}),
+                              n_image_tokens=src.description["image_tokens"], n_embd=llm_spec.n_embd),
+            llm=llm_spec,
             prompt=src.prompt,
             edge_vlm_version=__version__,
-            validation={"vision": vision_check, "llm": {"prompt": VALIDATION_PROMPT, **agreement},
-                        "tokenizer": tokenizer_check, **({"notes": [note]} if note else {})},
+            validation={"backend_choice": why, "vision": vision_check, **llm_validation,
+                        **({"notes": ctx.notes} if ctx.notes else {})},
         )
         out = bw.commit(manifest)
     bar.update(1)

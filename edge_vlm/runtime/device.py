@@ -1,4 +1,8 @@
-"""Where each component runs: `--device auto|cpu|cuda` resolved against what is installed."""
+"""Where each component runs: `--device auto|cpu|cuda` resolved against what is installed.
+
+The vision model always runs on onnxruntime; the LLM runs on whatever its backend uses
+(`via`: llama_cpp, onnxruntime or torch), so each is checked for a GPU on its own.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,20 +11,37 @@ from edge_vlm.errors import DeviceUnavailable
 
 ORT_GPU_HINT = ("pip uninstall -y onnxruntime && pip install onnxruntime-gpu "
                 "(on Jetson: the onnxruntime-gpu wheel for your JetPack, see README)")
-LLAMA_GPU_HINT = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-                  "llama-cpp-python==0.3.36")
+GPU_HINTS = {
+    "onnxruntime": f"onnxruntime has no CUDA provider: {ORT_GPU_HINT}",
+    "llama_cpp": 'llama-cpp-python was built without GPU offload: CMAKE_ARGS="-DGGML_CUDA=on" pip install '
+                 "--force-reinstall --no-cache-dir llama-cpp-python==0.3.36",
+    "torch": "torch sees no CUDA device: install a CUDA build of torch 2.13.0 for your driver",
+}
+LLAMA_GPU_HINT = GPU_HINTS["llama_cpp"]
 
 
 @dataclass
 class DevicePlan:
     vision_providers: list[str]
-    llm_gpu_layers: int
+    llm_on_gpu: bool
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def llm_gpu_layers(self) -> int:  # llama.cpp's n_gpu_layers: -1 = all
+        return -1 if self.llm_on_gpu else 0
+
+    @property
+    def llm_providers(self) -> list[str]:  # onnxruntime execution providers for an ONNX LLM
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.llm_on_gpu else ["CPUExecutionProvider"]
+
+    @property
+    def torch_device(self) -> str:
+        return "cuda" if self.llm_on_gpu else "cpu"
 
     @property
     def summary(self) -> str:
         return (f"vision on {'CUDA' if 'CUDAExecutionProvider' in self.vision_providers else 'CPU'}, "
-                f"LLM on {'CUDA' if self.llm_gpu_layers else 'CPU'}")
+                f"LLM on {'CUDA' if self.llm_on_gpu else 'CPU'}")
 
 
 def ort_has_cuda() -> bool:
@@ -39,26 +60,32 @@ def llama_has_gpu() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def resolve(device: str) -> DevicePlan:
+def torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+GPU_CHECKS = {"onnxruntime": ort_has_cuda, "llama_cpp": llama_has_gpu, "torch": torch_has_cuda}
+
+
+def resolve(device: str, llm_via: str = "llama_cpp") -> DevicePlan:
     if device not in ("auto", "cpu", "cuda"):
         raise DeviceUnavailable(f"unknown device {device!r}: use auto, cpu or cuda")
-    cpu = DevicePlan(["CPUExecutionProvider"], 0)
     if device == "cpu":
-        return cpu
-    ort_gpu, llama_gpu = ort_has_cuda(), llama_has_gpu()
+        return DevicePlan(["CPUExecutionProvider"], False)
+    ort_gpu, llm_gpu = ort_has_cuda(), GPU_CHECKS[llm_via]()
     if device == "cuda":
-        missing = []
-        if not ort_gpu:
-            missing.append(f"onnxruntime has no CUDA provider: {ORT_GPU_HINT}")
-        if not llama_gpu:
-            missing.append(f"llama-cpp-python was built without GPU offload: {LLAMA_GPU_HINT}")
+        missing = [GPU_HINTS[v] for v, ok in (("onnxruntime", ort_gpu), (llm_via, llm_gpu)) if not ok]
         if missing:
-            raise DeviceUnavailable("--device cuda is not available here; " + "; ".join(missing))
-        return DevicePlan(["CUDAExecutionProvider", "CPUExecutionProvider"], -1)
+            raise DeviceUnavailable("--device cuda is not available here; " + "; ".join(dict.fromkeys(missing)))
+        return DevicePlan(["CUDAExecutionProvider", "CPUExecutionProvider"], True)
     plan = DevicePlan(["CUDAExecutionProvider", "CPUExecutionProvider"] if ort_gpu else ["CPUExecutionProvider"],
-                      -1 if llama_gpu else 0)
+                      llm_gpu)
     if not ort_gpu:
         plan.notes.append("device auto: vision runs on CPU (onnxruntime has no CUDA provider)")
-    if not llama_gpu:
-        plan.notes.append("device auto: LLM runs on CPU (llama-cpp-python has no GPU offload)")
+    if not llm_gpu:
+        plan.notes.append(f"device auto: LLM runs on CPU ({GPU_HINTS[llm_via].split(':')[0]})")
     return plan

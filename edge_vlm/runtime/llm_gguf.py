@@ -195,3 +195,9 @@ class LlamaCppSession:
             self.close()
         except Exception:
             pass
+
+
+def open_session(bundle: Path, manifest, cfg, plan) -> LlamaCppSession:
+    """Pipeline hook: build the session from a bundle's files."""
+    return LlamaCppSession(bundle / manifest.llm.file, LlamaCppConfig(n_ctx=cfg.n_ctx, n_threads=cfg.threads,
+                                                                      gpu_layers=plan.llm_gpu_layers, exact=cfg.exact))

@@ -4,7 +4,8 @@
         for piece in p.generate("cat.png", "what is in the image?"):
             print(piece, end="")
 
-Imports only numpy, Pillow, onnxruntime and llama-cpp-python: never torch or family code.
+The gguf and onnx backends import only numpy, Pillow, onnxruntime, tokenizers and
+llama-cpp-python (never torch or family code); gptq and bnb bundles run through torch.
 """
 from __future__ import annotations
 
@@ -38,16 +39,6 @@ class Result:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-def _llm_backends():
-    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
-
-    def gguf(path, cfg: RuntimeConfig, gpu_layers: int):
-        return LlamaCppSession(path, LlamaCppConfig(n_ctx=cfg.n_ctx, n_threads=cfg.threads,
-                                                    gpu_layers=gpu_layers, exact=cfg.exact))
-
-    return {"gguf": gguf}
-
-
 class Pipeline:
     def __init__(self, bundle: Path, manifest, vision, llm, plan):
         self.bundle, self.manifest, self.vision, self.llm, self.device = bundle, manifest, vision, llm, plan
@@ -59,15 +50,19 @@ class Pipeline:
         bundle = Path(bundle)
         m = load_manifest(bundle)
         verify_files(bundle, m, hashes=config.verify)
-        backends = _llm_backends()
-        if m.llm.backend not in backends:
-            raise BundleError(f"bundle uses LLM backend {m.llm.backend!r}, this edge-vlm knows {sorted(backends)}")
+        from edge_vlm.backends import BACKENDS, runtime_module
+
+        if m.llm.backend not in BACKENDS:
+            raise BundleError(f"bundle uses LLM backend {m.llm.backend!r}, this edge-vlm knows "
+                              f"{', '.join(BACKENDS)}: upgrade edge-vlm or re-export the bundle")
         if m.vision.n_embd != m.llm.n_embd:
             raise EmbeddingSizeMismatch(f"manifest: vision n_embd {m.vision.n_embd} != LLM n_embd {m.llm.n_embd}")
-        plan = devices.resolve(config.device)
+        backend = BACKENDS[m.llm.backend]
+        runtime = runtime_module(backend)  # MissingPackage with the install command if its extra is absent
+        plan = devices.resolve(config.device, backend.cuda_via)
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
         try:
-            llm = backends[m.llm.backend](bundle / m.llm.file, config, plan.llm_gpu_layers)
+            llm = runtime.open_session(bundle, m, config, plan)
         except BaseException:
             vision.close()
             raise

@@ -1,0 +1,284 @@
+"""LLM -> ONNX decoder with an `inputs_embeds` input and an explicit KV cache.
+
+Works for any torch decoder that takes `inputs_embeds`, `position_ids` and a transformers
+`Cache` (Llama, and our TinyGPT-V Phi-2 variant that llama.cpp cannot express). The decoder
+is traced once by `torch.onnx.export(dynamo=True)` around a wrapper that rebuilds a
+`DynamicCache` from flat past tensors; the fp32 graph must reproduce torch's logits and greedy
+tokens before it is quantized:
+
+  --bits 4  -> MatMulNBits int4 weights (block size `group_size`, default 32; accuracy level)
+  --bits 8  -> MatMulNBits int8 weights
+  --bits 16 -> fp16 weights, cast to fp32 at load (compute stays fp32)
+
+Graph interface (what runtime/llm_onnx.py feeds):
+  inputs   inputs_embeds [1, seq, n_embd] f32, past.{i}.key / past.{i}.value [1, n_kv, past, head_dim] f32
+  outputs  logits [1, n_vocab] (last position only), present.{i}.key / present.{i}.value
+The token-embedding table ships next to it as `embed_tokens.npy` (fp16), so the runtime turns
+token ids into embeddings without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vlm.errors import BadInput, ExportError
+
+STAGES = ("LLM -> ONNX (fp32)", "validate fp32 decoder", "quantize LLM", "validate LLM")
+
+# fp32 ONNX vs torch: same math, different kernels. Measured 3e-6 (tiny llama) and ~1e-4
+# (SmolLM2-135M) max |logit diff|; anything near 1e-2 means a wrong graph.
+FP32_LOGITS_ATOL = 2e-3
+# Teacher-forced agreement floors after quantization: (metric, floor) per bits. They catch broken
+# exports (~0), not quality. int4 on a random tiny model keeps only ~30% top-1 (near-tied logits
+# over 49k tokens), so 4 bits is held to top-5 containment.
+MIN_AGREEMENT = {16: ("top1_agreement", 0.9), 8: ("top1_agreement", 0.75), 4: ("top5_agreement", 0.4)}
+EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps a single .onnx at 2 GB
+FP16_MIN_ELEMENTS = 1024  # initializers smaller than this (norm weights, biases) stay fp32
+
+
+@dataclass(frozen=True)
+class OnnxQuantConfig:
+    bits: int = 4
+    block_size: int = 32  # MatMulNBits block (group) size: 16, 32, 64, 128, ...
+    accuracy_level: int | None = None  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 (None: ORT default)
+    symmetric: bool = True
+
+    def check(self):
+        if self.bits not in MIN_AGREEMENT:
+            raise BadInput(f"the onnx backend takes --bits 4, 8 or 16, not {self.bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise BadInput(f"--group-size {self.block_size}: MatMulNBits needs a power of two >= 16")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise BadInput(f"--accuracy-level {self.accuracy_level}: use 0-4 (1 fp32, 2 fp16, 3 bf16, 4 int8)")
+
+
+def cache_shape(config) -> tuple[int, int, int]:
+    """(n_layer, n_kv_heads, head_dim) of a transformers decoder config."""
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    return config.num_hidden_layers, n_kv, head_dim
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    kv = [(i, s) for i in range(n_layer) for s in ("key", "value")]
+    return (["inputs_embeds"] + [f"past.{i}.{s}" for i, s in kv],
+            ["logits"] + [f"present.{i}.{s}" for i, s in kv])
+
+
+def decoder_for_export(llm):
+    """Wrap `llm` as forward(inputs_embeds, *past) -> (last logits, *present) for tracing."""
+    import torch
+    from transformers import DynamicCache
+
+    n_layer = llm.config.num_hidden_layers
+
+    class DecoderForExport(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm = llm
+
+        def forward(self, inputs_embeds, *past):
+            cache = DynamicCache()
+            for i in range(n_layer):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            start = past[0].shape[2]
+            pos = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + start
+            out = self.llm(inputs_embeds=inputs_embeds, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits[:, -1], *present)
+
+    return DecoderForExport().eval()
+
+
+def export_fp32(llm, path: Path) -> None:
+    """Trace the decoder at seq 5 / past 3 (neither 0 nor 1, so both stay dynamic) and write it."""
+    import torch
+
+    n_layer, n_kv, head_dim = cache_shape(llm.config)
+    ins, outs = io_names(n_layer)
+    seq, past = torch.export.Dim("seq", max=1 << 16), torch.export.Dim("past", max=1 << 16)
+    example = (torch.randn(1, 5, llm.config.hidden_size),
+               *[torch.randn(1, n_kv, 3, head_dim) for _ in range(2 * n_layer)])
+    big = sum(p.numel() * 4 for p in llm.parameters()) > EXTERNAL_DATA_BYTES
+    try:
+        with torch.no_grad():
+            torch.onnx.export(decoder_for_export(llm), example, str(path), dynamo=True, input_names=ins,
+                              output_names=outs, external_data=big, optimize=True, verbose=False,
+                              dynamic_shapes=({1: seq}, tuple({2: past} for _ in range(2 * n_layer))))
+    except Exception as e:  # torch.export's errors are many and untyped
+        raise ExportError(f"torch.onnx.export could not trace this decoder ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); the onnx backend needs a decoder that "
+                          "takes inputs_embeds, position_ids and a transformers Cache") from e
+
+
+def quantize(src: Path, dst: Path, q: OnnxQuantConfig) -> None:
+    import onnx
+
+    model = onnx.load(str(src))
+    big = model.ByteSize() > EXTERNAL_DATA_BYTES or any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if q.bits == 16:
+        model = weights_to_fp16(model)
+    else:
+        MatMulNBitsQuantizer = _matmul_nbits_quantizer()
+        qz = MatMulNBitsQuantizer(model, bits=q.bits, block_size=q.block_size, is_symmetric=q.symmetric,
+                                  accuracy_level=q.accuracy_level, op_types_to_quantize=("MatMul",))
+        qz.process()
+        model = qz.model.model
+    kw = {"save_as_external_data": True, "location": dst.name + ".data", "all_tensors_to_one_file": True} if big else {}
+    onnx.save_model(model, str(dst), **kw)
+
+
+def _matmul_nbits_quantizer():
+    """Import onnxruntime's quantizer without its import-time `logging.basicConfig(level=INFO)`,
+    which would make every later INFO line of every library (onnx_ir, ...) print."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
+    return MatMulNBitsQuantizer
+
+
+def weights_to_fp16(model):
+    """Store large float initializers as fp16, each followed by a Cast back to fp32."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    keep, casts = [], []
+    for t in g.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= FP16_MIN_ELEMENTS:
+            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT,
+                                          name=t.name + ".cast"))
+        else:
+            keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
+
+def weight_mix(path: Path) -> dict:
+    """What the file really holds: weight fraction per storage type and bits per weight."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    counted, by_type, nbytes = set(), {}, 0
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            elems = a["K"] * a["N"]
+            key = f"int{a['bits']} (block {a['block_size']})"
+            by_type[key] = by_type.get(key, 0) + elems
+            for name in n.input[1:]:
+                if name in inits:
+                    counted.add(name)
+                    nbytes += _tensor_bytes(inits[name])
+    names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for name, t in inits.items():
+        if name in counted or t.data_type not in floats:  # integer initializers are shapes and indices
+            continue
+        elems = int(np.prod(t.dims))
+        key = names[t.data_type].lower()
+        by_type[key] = by_type.get(key, 0) + elems
+        nbytes += _tensor_bytes(t)
+    total = sum(by_type.values())
+    return {"tensor_types": {k: round(v / total, 4) for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])},
+            "bits_per_weight": round(8 * nbytes / total, 3), "n_params": total}
+
+
+def _tensor_bytes(t) -> int:
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in t.external_data}.get("length", 0))
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t).nbytes
+
+
+def tokenizer_spec(tokenizer, ref_llm, folder: Path) -> dict:
+    """Write tokenizer.json for the torch-free runtime; ids the runtime needs go into the manifest."""
+    import tempfile
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError("the onnx backend needs a fast (tokenizer.json) tokenizer; this one is a slow "
+                          f"{type(tokenizer).__name__}")
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        (folder / "tokenizer.json").write_bytes((Path(d) / "tokenizer.json").read_bytes())
+    return {"file": "tokenizer.json", "bos_id": tokenizer.bos_token_id, "eog_ids": sorted(ref_llm.eog - {None})}
+
+
+def export_llm(ctx):
+    """The onnx backend's export stages; returns the manifest's LLM section and its validation."""
+    from edge_vlm.export import llm_validate
+    from edge_vlm.manifest import LLMSpec
+    from edge_vlm.runtime.llm_onnx import OnnxDecoderSession
+    from edge_vlm.runtime.tokenizer import BundleTokenizer
+
+    cfg, src = ctx.cfg, ctx.src
+    q = OnnxQuantConfig(bits=cfg.bits, block_size=cfg.group_size or 32, accuracy_level=cfg.accuracy_level)
+    q.check()
+    ctx.step("LLM -> ONNX (fp32)")
+    tmp_dir = ctx.bw.path("llm-fp32.tmp")
+    tmp_dir.mkdir()
+    fp32 = tmp_dir / "llm.onnx"
+    export_fp32(src.llm, fp32)
+    tok = tokenizer_spec(src.tokenizer, ctx.ref_llm, ctx.bw.path(""))
+    bundle_tok = BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"])
+    table = src.llm.get_input_embeddings().weight.detach().float().numpy()
+    ctx.step("validate fp32 decoder")
+    session = OnnxDecoderSession(fp32, table, bundle_tok, n_ctx=512, threads=cfg.threads)
+    try:
+        tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, session, src.prompt, "tokenizer.json")
+        exact = llm_validate.teacher_forced_agreement(ctx.ref_llm, session, src.prompt, ctx.validation_prompt,
+                                                      ctx.image_embeds, cfg.n_validate_tokens)
+    finally:
+        session.close()
+    llm_validate.check_logits("fp32 ONNX decoder", exact, FP32_LOGITS_ATOL)
+    ctx.step("quantize LLM")
+    llm_file = "llm.onnx"
+    quantize(fp32, ctx.bw.path(llm_file), q)
+    import shutil
+
+    shutil.rmtree(tmp_dir)
+    np.save(ctx.bw.path("embed_tokens.npy"), table.astype(np.float16))
+    mix = weight_mix(ctx.bw.path(llm_file))
+    ctx.step("validate LLM")
+    session = OnnxDecoderSession(ctx.bw.path(llm_file), np.load(ctx.bw.path("embed_tokens.npy")), bundle_tok,
+                                 n_ctx=512, threads=cfg.threads)
+    try:
+        agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, session, src.prompt, ctx.validation_prompt,
+                                                          ctx.image_embeds, cfg.n_validate_tokens)
+    finally:
+        session.close()
+    metric, floor = MIN_AGREEMENT[q.bits]
+    llm_validate.check_agreement(f"ONNX LLM at {q.bits} bits", agreement, floor, metric)
+    method = {16: "fp16 weights"}.get(q.bits, f"MatMulNBits int{q.bits}")
+    quant = {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
+             **({} if q.bits == 16 else {"group_size": q.block_size, "symmetric": q.symmetric,
+                                          "accuracy_level": q.accuracy_level}),
+             "embed_tokens": "embed_tokens.npy (fp16)", **mix}
+    spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
+                   n_ctx_train=src.llm.config.max_position_embeddings, quant=quant,
+                   tokenizer={**tok, "embed_tokens": "embed_tokens.npy"})
+    return spec, {"llm_fp32": {"prompt": ctx.validation_prompt, **exact},
+                  "llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

@@ -1,0 +1,63 @@
+"""Checks every LLM backend's export passes against the torch reference, on the same inputs.
+
+Each backend owns its floors (how much agreement its quantization must keep); the checks
+themselves are written once here, over two `LLMSession`s.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edge_vlm.errors import ExportValidationError
+
+TOKENIZER_PROBES = ("Hello, world!", "  two  spaces\tand a tab\n", "3.14159 + 42 = 45.14159",
+                    "café naïve 日本語 emoji 🙂", "<|im_start|>user\nwhat?<|im_end|>\n")
+
+
+def check_tokenizer(ref, test, prompt, what: str = "bundle tokenizer") -> dict:
+    """The bundle's tokenizer must give the reference's ids for the template and tricky strings."""
+    before, after = prompt.render("what color is the shape?")
+    cases = (before, after) + TOKENIZER_PROBES
+    bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)]
+    if bad:
+        raise ExportValidationError(what, {repr(c)[:40]: float("nan") for c in bad},
+                                    "identical token ids (is tokenizer_pre right for this tokenizer?)")
+    return {"strings": len(cases), "identical_ids": True}
+
+
+def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:
+    """Agreement of `test` with `ref` along `ref`'s own greedy continuation (EOS ignored): top-1 (same
+    argmax) and top-5 (`ref`'s argmax among `test`'s five best), plus the largest logit difference."""
+    from edge_vlm.runtime.generate import GenerationStats, prefill
+
+    prefill(ref, prompt, user_text, image_embeds, n, GenerationStats())
+    prefill(test, prompt, user_text, image_embeds, n, GenerationStats())
+    agree, top5, first_diff, max_diff = 0, 0, None, 0.0
+    for i in range(n):
+        lr, lt = ref.logits(), test.logits()
+        d = float(np.max(np.abs(lr - lt)))
+        first_diff = d if first_diff is None else first_diff
+        max_diff = max(max_diff, d)
+        tok = int(np.argmax(lr))
+        agree += int(tok == int(np.argmax(lt)))
+        top5 += int(tok in np.argpartition(-lt, 5)[:5])
+        if i + 1 < n:
+            ref.eval_tokens([tok])
+            test.eval_tokens([tok])
+    return {"tokens": n, "top1_agreement": agree / n, "top5_agreement": top5 / n, "first_logits_max_abs_diff": first_diff,
+            "logits_max_abs_diff": max_diff}
+
+
+def check_agreement(what: str, result: dict, floor: float, metric: str = "top1_agreement") -> None:
+    """`floor` catches broken exports (a wrong layout scores ~0), not quality: `edge-vlm eval` measures that."""
+    result["min_agreement"] = {metric: floor}
+    if result[metric] < floor:
+        raise ExportValidationError(what, {metric: result[metric]}, f"a teacher-forced {metric} floor of {floor}")
+
+
+def check_logits(what: str, result: dict, atol: float) -> None:
+    """For unquantized exports: every position's logits within `atol` of torch (so greedy tokens match)."""
+    result["logits_atol"] = atol
+    if result["top1_agreement"] < 1.0 or result["logits_max_abs_diff"] > atol:
+        raise ExportValidationError(what, {"logits": result["logits_max_abs_diff"],
+                                           "top1_disagreement": 1 - result["top1_agreement"]},
+                                    f"atol {atol} with identical greedy tokens")

@@ -1,0 +1,29 @@
+"""A torch-free tokenizer for backends whose model file carries none (onnx): `tokenizer.json`
+read by the `tokenizers` library, with the BOS and end-of-generation ids from the manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_vlm.errors import BundleError
+
+
+class BundleTokenizer:
+    def __init__(self, path: Path, bos_id: int | None, eog_ids):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+            raise BundleError(f"{path} is not a readable tokenizer.json ({e}): export the bundle again") from e
+        self.bos_id = bos_id
+        self.eog = frozenset(int(i) for i in eog_ids)
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] + ids) if add_bos and self.bos_id is not None else ids
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.eog
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
