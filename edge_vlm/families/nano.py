@@ -3,7 +3,8 @@
 vision   EfficientNet-Lite0 (ImageNet, frozen) -> feature map [1280, S/32, S/32]
 connector avg-pool `pool`x`pool` -> tokens in raster order -> concatenate `concat` consecutive
          tokens (MiniGPT-v2's row-major `.view`) -> Linear(1280*concat -> n_embd)   (trained)
-LLM      any HF Llama-architecture causal LM (built-in: SmolLM2-135M-Instruct, frozen)
+LLM      any HF causal LM transformers or edge_vlm.llms can load (built-in: SmolLM2-135M-Instruct,
+         frozen); the gguf backend needs the llama architecture, onnx and bnb take any
 """
 from __future__ import annotations
 
@@ -107,6 +108,9 @@ def load_llm(root: Path, spec: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edge_vlm.llms import register_architectures
+
+    register_architectures()
     if "gguf" in spec:
         f = resolve_file(root, spec["gguf"], "llm.gguf")
         kw = {"gguf_file": f.name}

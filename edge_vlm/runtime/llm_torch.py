@@ -74,3 +74,38 @@ class TorchLLMSession:
 
     def close(self):
         pass
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot load the tokenizer saved in {folder} ({e}): export the bundle again") from e
+
+
+def load_bnb(folder: Path, device: str = "cpu", n_ctx: int = 2048) -> TorchLLMSession:
+    """A bitsandbytes checkpoint folder (quantization_config in its config.json) as a session."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_vlm.llms import register_architectures
+
+    register_architectures()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot load the bitsandbytes LLM in {folder} ({e}): export the bundle again") from e
+    return TorchLLMSession(model.eval(), _tokenizer(folder), n_ctx, device)
+
+
+LOADERS = {"bnb": load_bnb}
+
+
+def open_session(bundle: Path, manifest, cfg, plan) -> TorchLLMSession:
+    """Pipeline hook: build the session from a bundle's checkpoint folder."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return LOADERS[manifest.llm.backend](bundle / manifest.llm.file, plan.torch_device, cfg.n_ctx)

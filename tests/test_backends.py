@@ -1,0 +1,187 @@
+"""Every LLM backend on the tiny models: export, load, run, agree with the torch reference; the
+capability table and `--backend auto` choosing from it."""
+import json
+
+import numpy as np
+import pytest
+
+from edge_vlm import backends
+from edge_vlm.errors import BadInput, MissingPackage
+from edge_vlm.manifest import load_manifest, verify_files
+from edge_vlm.reference import ReferencePipeline
+from edge_vlm.runtime.generate import GenerationStats
+from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+from edge_vlm.runtime.sampling import SamplingConfig
+from test_bad_input import run_cli
+
+CPU = RuntimeConfig(device="cpu", n_ctx=512)
+QUESTION = "what color is the shape?"
+
+
+def greedy(pipe, image, n=10):
+    stats = GenerationStats()
+    "".join(pipe.generate(image, QUESTION, SamplingConfig(max_tokens=n), stats))
+    return stats.tokens
+
+
+@pytest.fixture(scope="module")
+def references(tiny_source, tiny_phi_source):
+    return {"llama": ReferencePipeline.load(str(tiny_source), n_ctx=512),
+            "phi": ReferencePipeline.load(str(tiny_phi_source), n_ctx=512)}
+
+
+# ---- the capability table and auto ----------------------------------------------------------
+
+def test_auto_prefers_gguf_for_llama_and_never_picks_it_for_the_phi_variant():
+    b, why = backends.choose("auto", "llama", 4)
+    assert b.name == "gguf" and "gguf" in why
+    b, why = backends.choose("auto", "tinygpt_v_phi", 4)
+    assert b.name == "onnx" and "gguf: architecture 'tinygpt_v_phi' not supported" in why
+
+
+def test_auto_skips_a_backend_whose_extra_is_missing(monkeypatch):
+    real = backends.missing_modules
+    monkeypatch.setattr(backends, "missing_modules", lambda mods: [m for m in real(mods)] + (
+        ["llama_cpp"] if "llama_cpp" in mods else []))
+    b, why = backends.choose("auto", "llama", 8)
+    assert b.name == "onnx" and "gguf: not installed (missing llama_cpp)" in why and "pip install" in why
+
+
+def test_no_backend_fits_lists_every_reason(monkeypatch):
+    monkeypatch.setattr(backends, "missing_modules", lambda mods: list(mods))
+    with pytest.raises(BadInput) as e:
+        backends.choose("auto", "tinygpt_v_phi", 4)
+    msg = str(e.value)
+    assert "gguf: architecture 'tinygpt_v_phi' not supported" in msg
+    for name in ("onnx", "gptq", "bnb"):
+        assert f"  {name}: " in msg
+    assert "bnb: not installed" in msg and "edge-vlm[bnb]" in msg
+
+
+def test_requested_backend_that_cannot_do_the_bits():
+    with pytest.raises(BadInput, match="gptq cannot export.*no 16-bit mode"):
+        backends.choose("gptq", "llama", 16)
+
+
+def test_backends_command_prints_the_table(capsys):
+    code, out, _ = run_cli(["backends", "--json"], capsys)
+    rows = {r["backend"]: r for r in json.loads(out)}
+    assert code == 0 and set(rows) == {"gguf", "onnx", "gptq", "bnb"}
+    assert rows["onnx"]["architectures"] == "any torch decoder" and rows["gguf"]["architectures"] == ["llama"]
+    assert rows["gguf"]["runtime_needs_torch"] is False and rows["bnb"]["runtime_needs_torch"] is True
+    code, out, _ = run_cli(["backends"], capsys)
+    assert code == 0 and out.splitlines()[0].startswith("backend") and len(out.splitlines()) == 5
+
+
+def test_quant_flag_is_gguf_only(tiny_source, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_source), "--backend", "onnx", "--quant", "Q4_0", "-o",
+                            tmp_path / "b"], capsys)
+    assert code == 2 and "--quant names a llama.cpp type" in err and not (tmp_path / "b").exists()
+
+
+# ---- onnx -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("llm", ["llama", "phi"])
+def test_onnx_fp32_decoder_matches_torch_and_fp16_bundle_gives_the_same_greedy_tokens(
+        export_backend, references, shape_image, llm):
+    b = export_backend("onnx", 16, llm)
+    m = load_manifest(b)
+    exact = m.validation["llm_fp32"]
+    assert exact["top1_agreement"] == 1.0 and exact["logits_max_abs_diff"] < 1e-4, exact
+    assert m.llm.backend == "onnx" and m.llm.quant["tensor_types"].get("float16", 0) > 0.9
+    want = greedy(references[llm], shape_image)
+    with Pipeline.load(b, CPU) as p:
+        assert greedy(p, shape_image) == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend, shape_image, bits):
+    b = export_backend("onnx", bits)
+    m = load_manifest(b)
+    q = m.llm.quant
+    assert q["bits"] == bits and q["group_size"] == 32 and q["method"] == f"MatMulNBits int{bits}"
+    assert q["tensor_types"][f"int{bits} (block 32)"] > 0.9  # every matmul, the tied output head included
+    assert set(m.files) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
+    floor = m.validation["llm"]["min_agreement"]
+    assert all(m.validation["llm"][k] >= v for k, v in floor.items())
+    with Pipeline.load(b, CPU) as p:
+        r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
+    assert r.stats.generated_tokens >= 1 and r.timings_ms["vision_ms"] > 0
+
+
+def test_onnx_block_size_is_configurable(export_backend):
+    q = load_manifest(export_backend("onnx", 4, group_size=16)).llm.quant
+    assert q["group_size"] == 16 and "int4 (block 16)" in q["tensor_types"]
+
+
+def test_onnx_runtime_does_not_import_torch(export_backend, shape_image):
+    import subprocess
+    import sys
+
+    code = (f"import sys, edge_vlm\nfrom edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig\n"
+            f"p = Pipeline.load({str(export_backend('onnx', 4))!r}, RuntimeConfig(device='cpu', n_ctx=256))\n"
+            f"print(p.answer({str(shape_image)!r}, 'what?').stats.generated_tokens)\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'runtime imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_onnx_context_overflow_is_a_clear_error(export_backend, shape_image):
+    from edge_vlm.errors import ContextOverflow
+
+    with Pipeline.load(export_backend("onnx", 4), RuntimeConfig(device="cpu", n_ctx=16)) as p:
+        with pytest.raises(ContextOverflow):
+            p.answer(shape_image, "describe " * 20, SamplingConfig(max_tokens=4))
+
+
+def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, capsys):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(export_backend("onnx", 4), b)
+    data = bytearray((b / "llm.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "llm.onnx").write_bytes(bytes(data))
+    code, _, err = run_cli(["run", str(b), "--image", str(b / "x.png"), "--prompt", "hi"], capsys)
+    assert code == 3 and "llm.onnx: sha256 mismatch" in err
+
+
+# ---- bnb ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,llm", [(4, "llama"), (8, "llama"), (4, "phi")])
+def test_bnb_bundle_runs_and_agrees_with_reference(export_backend, shape_image, bits, llm):
+    b = export_backend("bnb", bits, llm)
+    m = load_manifest(b)
+    assert m.llm.backend == "bnb" and m.llm.file == "llm" and m.llm.quant["bits"] == bits
+    assert any(f.startswith("llm/") and f.endswith(".safetensors") for f in m.files)
+    verify_files(b, m, hashes="sha256")  # files inside the checkpoint folder are listed and hashed
+    floor = m.validation["llm"]["min_agreement"]
+    assert all(m.validation["llm"][k] >= v for k, v in floor.items())
+    with Pipeline.load(b, CPU) as p:
+        r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
+    assert r.stats.generated_tokens >= 1
+
+
+def test_bundle_whose_extra_is_missing_says_how_to_install(export_backend, monkeypatch):
+    b = export_backend("bnb", 8)
+    real = backends.missing_modules
+    monkeypatch.setattr(backends, "missing_modules", lambda mods: [m for m in mods if m == "bitsandbytes"] + real(mods))
+    with pytest.raises(MissingPackage, match=r"bnb backend.*pip install torch==2.13.0 'edge-vlm\[bnb\]'"):
+        Pipeline.load(b, CPU)
+
+
+def test_phi_variant_through_auto_gets_onnx(tiny_phi_source, tmp_path, capsys):
+    code, out, err = run_cli(["export", str(tiny_phi_source), "--bits", "8", "-o", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert "backend auto -> onnx" in err and load_manifest(tmp_path / "b").llm.backend == "onnx"
+
+
+def test_outputs_differ_between_backends_only_by_quantization(export_backend, references, shape_image):
+    """Same shared decode loop: at 8 bits onnx and bnb both stay close to the reference's logits."""
+    from edge_vlm.export.llm_validate import teacher_forced_agreement
+
+    ref = references["llama"]
+    for backend in ("onnx", "bnb"):
+        with Pipeline.load(export_backend(backend, 8), CPU) as p:
+            r = teacher_forced_agreement(ref.llm, p.llm, p.manifest.prompt, QUESTION, ref.embed(shape_image), n=12)
+        assert r["top5_agreement"] == 1.0 and np.isfinite(r["logits_max_abs_diff"]), (backend, r)
