@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
     p.add_argument("--calibration", choices=["image", "text"], default=None,
                    help="gptq: calibrate on image-conditioned sequences (default) or on text alone")
+    p.add_argument("--calibration-data", default=None,
+                   help="gptq: calibration folder in easy-VQA's format (default calibration_data/easy-vqa-sample)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="device the bundle is for (backend auto skips backends that cannot run there)")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
@@ -127,7 +129,8 @@ def cmd_export(a):
 
     fields = load_recipe(a.recipe) if a.recipe else {}
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
-             "group_size": a.group_size, "accuracy_level": a.accuracy_level, "calibration": a.calibration}
+             "group_size": a.group_size, "accuracy_level": a.accuracy_level, "calibration": a.calibration,
+             "calibration_data": a.calibration_data}
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
     fields.update({k: v for k, v in flags.items() if v is not None})
@@ -236,15 +239,6 @@ def cmd_align(a):
 COMMANDS = {"export": cmd_export, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
 
 
-def _quiet_third_party_logs():
-    """torchao (installed with gptqmodel) warns on import about CUDA kernels a CPU build cannot load,
-    and torch's pytree about its enums; neither says anything to an edge-vlm user."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -253,7 +247,9 @@ def main(argv=None) -> int:
         return 0
     from edge_vlm.errors import EdgeVLMError
 
-    _quiet_third_party_logs()
+    from edge_vlm.logs import quiet_third_party_logs
+
+    quiet_third_party_logs()
     try:
         COMMANDS[a.cmd](a)
     except EdgeVLMError as e:

@@ -11,9 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
 
 def pytest_configure(config):
-    from edge_vlm.cli import _quiet_third_party_logs
+    from edge_vlm.logs import quiet_third_party_logs
 
-    _quiet_third_party_logs()
+    quiet_third_party_logs()
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -19,6 +19,7 @@ class ExportConfig:
     group_size: int | None = None  # onnx MatMulNBits block size (default 32) / gptq group size (default 128)
     accuracy_level: int | None = None  # onnx MatMulNBits accuracy level
     calibration: str = "image"  # gptq: image-conditioned (default) or text-only calibration sequences
+    calibration_data: str | None = None  # gptq: easy-VQA-format folder (default: calibration_data/easy-vqa-sample)
     device: str = "auto"  # the device the bundle is meant for: auto | cpu | cuda
     force: bool = False
     threads: int = 0
@@ -34,7 +35,8 @@ class ExportConfig:
         return BITS_TO_QUANT[self.bits]
 
 
-RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "calibration"}
+RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "calibration",
+                 "calibration_data"}
 
 
 def load_recipe(path: str) -> dict:
@@ -86,6 +88,7 @@ class ExportContext:
     bw: object  # BundleWriter
     ref_llm: object  # TorchLLMSession over src.llm
     image_embeds: object  # np.ndarray [n_image_tokens, n_embd] from the torch vision stack
+    embed_image: Callable  # image path -> np.ndarray embeddings from the exported vision ONNX
     step: Callable[[str], None]  # announce the next stage (progress bar)
     quant: str = ""  # gguf: the llama.cpp type
     validation_prompt: str = VALIDATION_PROMPT
@@ -146,10 +149,18 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         sample_image = _sample_image()
         vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size,
                                    ref.pixels(sample_image))
+        from edge_vlm.runtime.vision import VisionModel
+
+        spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
+                          n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size)
+        vision_rt = VisionModel(bw.path(vision_file), spec, src.preprocess, ["CPUExecutionProvider"], cfg.threads)
         ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=TorchLLMSession(src.llm, src.tokenizer),
-                            image_embeds=ref.embed(sample_image), step=step,
+                            image_embeds=ref.embed(sample_image), embed_image=vision_rt.embed, step=step,
                             quant=cfg.gguf_quant() if backend.name == "gguf" else "")
-        llm_spec, llm_validation = exporter.export_llm(ctx)
+        try:
+            llm_spec, llm_validation = exporter.export_llm(ctx)
+        finally:
+            vision_rt.close()
         if backend.name == "gguf":
             note = requant_note(src.description.get("llm_source_quant"), ctx.quant)
             if note:
@@ -161,8 +172,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
             family=src.family,
             source={**src.description, "path": str(resolve_source(cfg.source))},
             preprocess=src.preprocess,
-            vision=VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
-                              n_image_tokens=src.description["image_tokens"], n_embd=llm_spec.n_embd),
+            vision=spec,
             llm=llm_spec,
             prompt=src.prompt,
             edge_vlm_version=__version__,

@@ -99,7 +99,30 @@ def load_bnb(folder: Path, device: str = "cpu", n_ctx: int = 2048) -> TorchLLMSe
     return TorchLLMSession(model.eval(), _tokenizer(folder), n_ctx, device)
 
 
-LOADERS = {"bnb": load_bnb}
+def load_gptq(folder: Path, device: str = "cpu", n_ctx: int = 2048) -> TorchLLMSession:
+    """A GPTQModel checkpoint folder as a session (GPTQModel's torch kernel: every bits/group size,
+    CPU or CUDA). transformers alone cannot load it without optimum."""
+    import contextlib
+    import io
+
+    import torch
+
+    # GPTQModel's torch kernel otherwise torch.compiles its dequantization on the first forward
+    # (~25 s on 2 cores); eager is what every other backend here runs too.
+    torch._dynamo.config.disable = True
+    try:
+        from edge_vlm.logs import root_logging_preserved
+
+        with contextlib.redirect_stdout(io.StringIO()), root_logging_preserved():  # banners and tables
+            from gptqmodel import BACKEND, GPTQModel
+
+            model = GPTQModel.load(str(folder), device=device, backend=BACKEND.TORCH).model
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot load the GPTQ LLM in {folder} ({e}): export the bundle again") from e
+    return TorchLLMSession(model.eval(), _tokenizer(folder), n_ctx, device)
+
+
+LOADERS = {"bnb": load_bnb, "gptq": load_gptq}
 
 
 def open_session(bundle: Path, manifest, cfg, plan) -> TorchLLMSession:
