@@ -21,7 +21,8 @@ def machine() -> dict:
     except OSError:
         pass
     versions = {}
-    for pkg in ("edge-vlm", "torch", "transformers", "onnxruntime", "llama_cpp_python", "gguf", "numpy"):
+    for pkg in ("edge-vlm", "torch", "transformers", "onnxruntime", "llama_cpp_python", "gguf", "numpy",
+                "bitsandbytes", "gptqmodel"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -4,6 +4,7 @@ tokenizer), the input the torch-side quantizers (bitsandbytes, GPTQModel) load f
 `save_pretrained` is not used for the model: a model loaded from a GGUF cannot save itself."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -15,7 +16,11 @@ def write_hf_folder(llm, tokenizer, folder: Path) -> Path:
     state = {k: v.detach().contiguous() for k, v in llm.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     if getattr(cfg, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: stored once, as the input embedding
-    cfg.to_json_file(str(folder / "config.json"))
+    # a model loaded from a GGUF carries the GGUF's quantization_config: the weights written here are
+    # plain floats, and a quantizer seeing that field would take the folder for a quantized checkpoint
+    d = cfg.to_diff_dict()
+    d.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(folder))
     return folder
