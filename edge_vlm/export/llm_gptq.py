@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_vlm.errors import BadInput, ExportError
+from edge_vlm.export.llm_validate import FLOOR_4BIT
 
 STAGES = ("calibration set", "LLM -> GPTQ", "validate LLM")
 
 # (metric, floor) per bits: catch broken exports, not quality (see llm_validate.check_agreement)
 # GPTQModel's kernel runs the whole model in bf16, which alone moves logits (tiny random model: 8-bit
 # top-1 0.75, top-5 1.0), so both widths are held to top-5 containment.
-MIN_AGREEMENT = {8: ("top5_agreement", 0.6), 4: ("top5_agreement", 0.4)}
+MIN_AGREEMENT = {8: ("top5_agreement", 0.6), 4: FLOOR_4BIT}
 LLM_DIR = "llm"
 GROUP_SIZES = (128, 64, 32)  # default: the largest that divides every layer's input width
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration_data" / "easy-vqa-sample"
