@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
   gguf   llama.cpp: --bits 4 Q4_K_M, 8 Q8_0, 16 F16, or --quant TYPE. Llama architecture. No torch at runtime.
   onnx   ONNX decoder + KV cache on onnxruntime: --bits 4/8 MatMulNBits (--group-size, default 32;
          --accuracy-level), 16 fp16 weights. Any torch decoder. No torch at runtime.
-  gptq   GPTQModel: --bits 4/8, --group-size (default 128), calibrated on --calibration image
-         (image embeddings + prompt + answer, default) or text sequences. Runs through torch.
+  gptq   GPTQModel: --bits 4/8, --group-size (default: the largest of 128/64/32 dividing the layer
+         widths), calibrated on --calibration image (image embeddings + prompt + answer, the
+         default) or text sequences (--calibration-data DIR). Runs through torch.
   bnb    bitsandbytes: --bits 4 nf4 + double quant, 8 int8. Any transformers decoder. Runs through torch.
   auto   (default) the first of gguf, onnx, gptq, bnb that can take the model's architecture and bits
          and is installed; prints why.""")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None, help="LLM weight bits (default 4)")
     q.add_argument("--quant", help="gguf only: any llama.cpp type instead of --bits (Q4_0, Q4_1, Q5_K_M, Q6_K, F32, ...)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="onnx: MatMulNBits block size (default 32); gptq: group size (default 128)")
+                   help="onnx: MatMulNBits block size (default 32); gptq: group size (default: largest of 128/64/32 dividing the layer widths)")
     p.add_argument("--accuracy-level", type=int, default=None,
                    help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
     p.add_argument("--calibration", choices=["image", "text"], default=None,
@@ -143,7 +144,16 @@ def cmd_export(a):
         total = sum(f["bytes"] for f in m.files.values())
         print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {m.llm.backend} {_quant_line(m.llm.quant)}; vision ONNX "
               f"max |diff| vs torch {max(m.validation['vision']['max_abs_diff'].values()):.2g}; "
-              f"LLM top-1 agreement vs torch {m.validation['llm']['top1_agreement']:.0%}")
+              f"LLM {_agreement_line(m.validation['llm'])}")
+
+
+def _agreement_line(v: dict) -> str:
+    floor = v.get("min_agreement", {})
+    floor = floor if isinstance(floor, dict) else {"top1_agreement": floor}
+    need = ", ".join(f"floor {k.split('_')[0]} {x:.0%}" for k, x in floor.items())
+    top5 = f", top-5 {v['top5_agreement']:.0%}" if "top5_agreement" in v else ""
+    return (f"vs torch over {v['tokens']} teacher-forced tokens: top-1 {v['top1_agreement']:.0%}{top5}"
+            + (f" ({need})" if need else ""))
 
 
 def _quant_line(q: dict) -> str:
@@ -205,7 +215,13 @@ def cmd_inspect(a):
     v = m.validation
     if v:
         print(f"  validated   vision max |diff| {max(v['vision']['max_abs_diff'].values()):.2g} (atol {v['vision']['atol']}); "
-              f"LLM top-1 agreement {v['llm']['top1_agreement']:.0%} over {v['llm']['tokens']} tokens")
+              f"LLM {_agreement_line(v['llm'])}")
+        if "llm_fp32" in v:
+            print(f"              fp32 ONNX decoder before quantization: max |logit diff| "
+                  f"{v['llm_fp32']['logits_max_abs_diff']:.2g} (atol {v['llm_fp32']['logits_atol']}), "
+                  f"top-1 {v['llm_fp32']['top1_agreement']:.0%}")
+        if "backend_choice" in v:
+            print(f"  backend     {v['backend_choice']}")
     for r in rows:
         print(f"  file        {r['file']:<24} {r['bytes'] / 1e6:9.2f} MB  sha256 {r['sha256'][:16]}…  {r['status']}")
 

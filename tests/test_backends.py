@@ -114,6 +114,20 @@ def test_onnx_block_size_is_configurable(export_backend):
     assert q["group_size"] == 16 and "int4 (block 16)" in q["tensor_types"]
 
 
+def test_onnx_external_data_path(tiny_source, tmp_path, monkeypatch, shape_image):
+    """Decoders over 2 GB must keep weights in a .data file: exercise that path at tiny scale."""
+    from edge_vlm.export import llm_onnx
+    from edge_vlm.export.run import ExportConfig, run
+
+    monkeypatch.setattr(llm_onnx, "EXTERNAL_DATA_BYTES", 10_000)
+    b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), backend="onnx", bits=8), progress=False)
+    m = load_manifest(b)
+    assert {"llm.onnx", "llm.onnx.data"} <= set(m.files) and m.files["llm.onnx.data"]["bytes"] > 100_000
+    assert m.validation["llm_fp32"]["top1_agreement"] == 1.0
+    with Pipeline.load(b, CPU) as p:
+        assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=4)).stats.generated_tokens >= 1
+
+
 def test_onnx_runtime_does_not_import_torch(export_backend, shape_image):
     import subprocess
     import sys

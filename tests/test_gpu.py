@@ -1,30 +1,53 @@
-"""CUDA paths: llama.cpp GPU offload and onnxruntime's CUDA provider. Skipped without both builds."""
+"""CUDA paths: llama.cpp GPU offload, onnxruntime's CUDA provider (vision and the ONNX decoder),
+and torch on CUDA for the gptq/bnb backends. Each test skips unless its own GPU build is present."""
 import pytest
 
 from edge_vlm.runtime import device
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (device.ort_has_cuda() and device.llama_has_gpu()),
-                                 reason="needs onnxruntime-gpu and a CUDA build of llama-cpp-python")]
+pytestmark = pytest.mark.gpu
+needs_ort = pytest.mark.skipif(not device.ort_has_cuda(), reason="needs onnxruntime-gpu and a CUDA GPU")
+needs_llama = pytest.mark.skipif(not (device.ort_has_cuda() and device.llama_has_gpu()),
+                                 reason="needs onnxruntime-gpu and a CUDA build of llama-cpp-python")
+needs_torch = pytest.mark.skipif(not (device.ort_has_cuda() and device.torch_has_cuda()),
+                                 reason="needs onnxruntime-gpu and a CUDA build of torch")
+QUESTION = "what color is the shape?"
 
 
-def test_cuda_bundle_matches_cpu_bundle(export_tiny, shape_image):
+def tokens_on(bundle, dev, image):
     from edge_vlm.runtime.generate import GenerationStats
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
     from edge_vlm.runtime.sampling import SamplingConfig
 
-    toks = {}
-    for dev in ("cpu", "cuda"):
-        with Pipeline.load(export_tiny("F16"), RuntimeConfig(device=dev)) as p:
-            if dev == "cuda":
-                assert "CUDAExecutionProvider" in p.vision.providers and p.device.llm_gpu_layers != 0
-            stats = GenerationStats()
-            "".join(p.generate(shape_image, "what color is the shape?", SamplingConfig(max_tokens=8), stats))
-            toks[dev] = stats.tokens
+    with Pipeline.load(bundle, RuntimeConfig(device=dev, n_ctx=512)) as p:
+        if dev == "cuda":
+            assert "CUDAExecutionProvider" in p.vision.providers and p.device.llm_on_gpu
+        stats = GenerationStats()
+        "".join(p.generate(image, QUESTION, SamplingConfig(max_tokens=8), stats))
+    return stats.tokens
+
+
+@needs_llama
+def test_cuda_gguf_bundle_matches_cpu_bundle(export_tiny, shape_image):
+    cpu, cuda = (tokens_on(export_tiny("F16"), d, shape_image) for d in ("cpu", "cuda"))
     # fp16 GPU kernels may flip a near-tie late in the sequence; the first tokens must agree
-    assert toks["cuda"][:3] == toks["cpu"][:3]
+    assert cuda[:3] == cpu[:3]
 
 
+@needs_ort
+@pytest.mark.parametrize("bits", [16, 4])
+def test_cuda_onnx_decoder_keeps_its_cache_on_the_gpu(export_backend, shape_image, bits):
+    b = export_backend("onnx", bits)
+    cpu, cuda = (tokens_on(b, d, shape_image) for d in ("cpu", "cuda"))
+    assert cuda[:3] == cpu[:3]
+
+
+@needs_torch
+@pytest.mark.parametrize("backend", ["bnb", "gptq"])
+def test_cuda_torch_backends_run(export_backend, shape_image, backend):
+    assert len(tokens_on(export_backend(backend, 8), "cuda", shape_image)) >= 1
+
+
+@needs_llama
 def test_auto_uses_the_gpu():
     plan = device.resolve("auto")
     assert plan.llm_gpu_layers != 0 and "CUDAExecutionProvider" in plan.vision_providers and not plan.notes
