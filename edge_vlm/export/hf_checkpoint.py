@@ -28,3 +28,13 @@ def write_hf_folder(llm, tokenizer, folder: Path) -> Path:
 
 def folder_bytes(folder: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(f"*{suffix}"))
+
+
+def quantized_share(llm) -> float:
+    """Fraction of parameters a torch-side quantizer converts: every nn.Linear but the output head."""
+    import torch
+
+    total = sum(p.numel() for p in llm.parameters())
+    head = llm.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in llm.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return linear / total

@@ -34,19 +34,9 @@ def bnb_config(bits: int):
     raise BadInput(f"the bnb backend takes --bits 4 (nf4) or 8 (int8), not {bits}")
 
 
-def quantized_share(llm) -> float:
-    """Fraction of parameters bitsandbytes quantizes: every nn.Linear but the output head."""
-    import torch
-
-    total = sum(p.numel() for p in llm.parameters())
-    head = llm.get_output_embeddings()
-    linear = sum(m.weight.numel() for m in llm.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    return linear / total
-
-
 def export_llm(ctx):
     from edge_vlm.export import llm_validate
-    from edge_vlm.export.hf_checkpoint import folder_bytes, write_hf_folder
+    from edge_vlm.export.hf_checkpoint import folder_bytes, quantized_share, write_hf_folder
     from edge_vlm.manifest import LLMSpec
     from edge_vlm.runtime.llm_torch import load_bnb
 
@@ -66,12 +56,8 @@ def export_llm(ctx):
     del model
     shutil.rmtree(plain)
     ctx.step("validate LLM")
-    test = load_bnb(out, "cpu")
-    tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, test, src.prompt, "saved tokenizer")
-    agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, test, src.prompt, ctx.validation_prompt,
-                                                      ctx.image_embeds, cfg.n_validate_tokens)
-    metric, floor = MIN_AGREEMENT[cfg.bits]
-    llm_validate.check_agreement(f"bitsandbytes LLM at {cfg.bits} bits", agreement, floor, metric)
+    tokenizer_check, agreement = llm_validate.validate_llm(
+        ctx, load_bnb(out, "cpu"), f"bitsandbytes LLM at {cfg.bits} bits", MIN_AGREEMENT[cfg.bits], "saved tokenizer")
     n = sum(p.numel() for p in src.llm.parameters())
     share = quantized_share(src.llm)
     kind = "nf4 (double quant)" if cfg.bits == 4 else "int8 (LLM.int8)"

@@ -186,13 +186,8 @@ def export_llm(ctx):
     mix = tensor_mix(ctx.bw.path(llm_file))
     ctx.step("validate LLM")
     test = LlamaCppSession(ctx.bw.path(llm_file), LlamaCppConfig(n_ctx=512, exact=True, n_threads=cfg.threads))
-    try:
-        tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, test, src.prompt, "GGUF tokenizer")
-        agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, test, src.prompt, ctx.validation_prompt,
-                                                          ctx.image_embeds, cfg.n_validate_tokens)
-    finally:
-        test.close()
-    llm_validate.check_agreement(f"LLM {quant}", agreement, MIN_AGREEMENT.get(quant, MIN_AGREEMENT_DEFAULT))
+    floor = ("top1_agreement", MIN_AGREEMENT.get(quant, MIN_AGREEMENT_DEFAULT))
+    tokenizer_check, agreement = llm_validate.validate_llm(ctx, test, f"LLM {quant}", floor, "GGUF tokenizer")
     spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
                    n_ctx_train=src.llm.config.max_position_embeddings,
                    quant={"requested": quant, "method": "llama.cpp", **mix})

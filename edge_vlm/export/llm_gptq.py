@@ -133,7 +133,7 @@ def splice_hook(seqs: list[CalibrationSequence]):
 
 def export_llm(ctx):
     from edge_vlm.export import llm_validate
-    from edge_vlm.export.hf_checkpoint import folder_bytes, write_hf_folder
+    from edge_vlm.export.hf_checkpoint import folder_bytes, quantized_share, write_hf_folder
     from edge_vlm.manifest import LLMSpec
     from edge_vlm.runtime.llm_torch import load_gptq
 
@@ -173,15 +173,9 @@ def export_llm(ctx):
     for stray in ("quant_log.csv",):
         (out / stray).unlink(missing_ok=True)
     ctx.step("validate LLM")
-    test = load_gptq(out, "cpu")
-    tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, test, src.prompt, "saved tokenizer")
-    agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, test, src.prompt, ctx.validation_prompt,
-                                                      ctx.image_embeds, cfg.n_validate_tokens)
-    metric, floor = MIN_AGREEMENT[cfg.bits]
-    llm_validate.check_agreement(f"GPTQ LLM at {cfg.bits} bits", agreement, floor, metric)
+    tokenizer_check, agreement = llm_validate.validate_llm(
+        ctx, load_gptq(out, "cpu"), f"GPTQ LLM at {cfg.bits} bits", MIN_AGREEMENT[cfg.bits], "saved tokenizer")
     n = sum(p.numel() for p in src.llm.parameters())
-    from edge_vlm.export.llm_bnb import quantized_share
-
     share = quantized_share(src.llm)
     quant = {"requested": f"gptq-int{settings.bits}", "bits": settings.bits, "method": "GPTQModel GPTQ",
              "group_size": settings.group_size, "sym": settings.sym, "desc_act": settings.desc_act,

@@ -246,12 +246,7 @@ def export_llm(ctx):
     table = src.llm.get_input_embeddings().weight.detach().float().numpy()
     ctx.step("validate fp32 decoder")
     session = OnnxDecoderSession(fp32, table, bundle_tok, n_ctx=512, threads=cfg.threads)
-    try:
-        tokenizer_check = llm_validate.check_tokenizer(ctx.ref_llm, session, src.prompt, "tokenizer.json")
-        exact = llm_validate.teacher_forced_agreement(ctx.ref_llm, session, src.prompt, ctx.validation_prompt,
-                                                      ctx.image_embeds, cfg.n_validate_tokens)
-    finally:
-        session.close()
+    tokenizer_check, exact = llm_validate.validate_llm(ctx, session, "fp32 ONNX decoder", None, "tokenizer.json")
     llm_validate.check_logits("fp32 ONNX decoder", exact, FP32_LOGITS_ATOL)
     ctx.step("quantize LLM")
     llm_file = "llm.onnx"
@@ -264,13 +259,7 @@ def export_llm(ctx):
     ctx.step("validate LLM")
     session = OnnxDecoderSession(ctx.bw.path(llm_file), np.load(ctx.bw.path("embed_tokens.npy")), bundle_tok,
                                  n_ctx=512, threads=cfg.threads)
-    try:
-        agreement = llm_validate.teacher_forced_agreement(ctx.ref_llm, session, src.prompt, ctx.validation_prompt,
-                                                          ctx.image_embeds, cfg.n_validate_tokens)
-    finally:
-        session.close()
-    metric, floor = MIN_AGREEMENT[q.bits]
-    llm_validate.check_agreement(f"ONNX LLM at {q.bits} bits", agreement, floor, metric)
+    _, agreement = llm_validate.validate_llm(ctx, session, f"ONNX LLM at {q.bits} bits", MIN_AGREEMENT[q.bits])
     method = {16: "fp16 weights"}.get(q.bits, f"MatMulNBits int{q.bits}")
     quant = {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
              **({} if q.bits == 16 else {"group_size": q.block_size, "symmetric": q.symmetric,

@@ -68,3 +68,17 @@ def check_logits(what: str, result: dict, atol: float) -> None:
         raise ExportValidationError(what, {"logits": result["logits_max_abs_diff"],
                                            "top1_disagreement": 1 - result["top1_agreement"]},
                                     f"atol {atol} with identical greedy tokens")
+
+
+def validate_llm(ctx, session, what: str, floor: tuple[str, float] | None, tokenizer: str | None = None):
+    """Run a backend's session against the torch reference on the export's real image, close it,
+    and enforce `floor` = (metric, value). Returns (tokenizer check or None, agreement)."""
+    try:
+        tok = check_tokenizer(ctx.ref_llm, session, ctx.src.prompt, tokenizer) if tokenizer else None
+        agreement = teacher_forced_agreement(ctx.ref_llm, session, ctx.src.prompt, ctx.validation_prompt,
+                                             ctx.image_embeds, ctx.cfg.n_validate_tokens)
+    finally:
+        session.close()
+    if floor:
+        check_agreement(what, agreement, floor[1], floor[0])
+    return tok, agreement

@@ -73,7 +73,7 @@ class TorchLLMSession:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def close(self):
-        pass
+        self.model = self.cache = None
 
 
 def _tokenizer(folder: Path):
