@@ -143,6 +143,13 @@ def load_manifest(bundle: Path) -> Manifest:
 VERIFY_MODES = ("once", "sha256", "size")
 
 
+def _inside(name) -> bool:
+    """A plain relative path that stays inside the bundle folder."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return False
+    return all(p not in ("", ".", "..") for p in name.split("/"))
+
+
 def _stamp_file() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "edge-vlm" / "verified.json"
@@ -178,13 +185,21 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool | str = True) ->
         raise ValueError(f"verify mode must be one of {VERIFY_MODES}")
     stamps = _load_stamps() if mode == "once" else {}
     rows, bad, changed = [], [], False
-    for needed in (manifest.vision.file, manifest.llm.file):
+    used = [manifest.vision.file, manifest.llm.file] + [
+        manifest.llm.tokenizer[k] for k in ("file", "embed_tokens") if k in manifest.llm.tokenizer]
+    for name in list(manifest.files) + used:
+        if not _inside(name):
+            raise BundleError(f"manifest names {name!r}: bundle files must be relative paths inside the bundle folder")
+    for needed in used:
         if needed not in manifest.files and not any(n.startswith(needed + "/") for n in manifest.files):
             bad.append(f"{needed}: used by the manifest but not listed in its files")
+    folder = Path(bundle) / manifest.llm.file
+    if folder.is_dir():  # a checkpoint folder: a file in it that the manifest does not list would be loaded unchecked
+        extra = sorted(p.relative_to(bundle).as_posix() for p in folder.rglob("*") if p.is_file()
+                       and p.relative_to(bundle).as_posix() not in manifest.files)
+        if extra:
+            bad.append(f"{manifest.llm.file}/ holds files the manifest does not list: {', '.join(extra[:5])}")
     for name, rec in manifest.files.items():
-        parts = name.split("/")
-        if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
-            raise BundleError(f"manifest lists {name!r}: bundle files must be relative paths inside the bundle folder")
         p = Path(bundle) / name
         row = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"], "status": "ok"}
         if not p.is_file():

@@ -13,7 +13,7 @@ needs_torch = pytest.mark.skipif(not (device.ort_has_cuda() and device.torch_has
 QUESTION = "what color is the shape?"
 
 
-def tokens_on(bundle, dev, image):
+def tokens_on(bundle, dev, image, check=None):
     from edge_vlm.runtime.generate import GenerationStats
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
     from edge_vlm.runtime.sampling import SamplingConfig
@@ -21,6 +21,8 @@ def tokens_on(bundle, dev, image):
     with Pipeline.load(bundle, RuntimeConfig(device=dev, n_ctx=512)) as p:
         if dev == "cuda":
             assert "CUDAExecutionProvider" in p.vision.providers and p.device.llm_on_gpu
+        if check:
+            check(p)
         stats = GenerationStats()
         "".join(p.generate(image, QUESTION, SamplingConfig(max_tokens=8), stats))
     return stats.tokens
@@ -37,7 +39,11 @@ def test_cuda_gguf_bundle_matches_cpu_bundle(export_tiny, shape_image):
 @pytest.mark.parametrize("bits", [16, 4])
 def test_cuda_onnx_decoder_keeps_its_cache_on_the_gpu(export_backend, shape_image, bits):
     b = export_backend("onnx", bits)
-    cpu, cuda = (tokens_on(b, d, shape_image) for d in ("cpu", "cuda"))
+
+    def on_gpu(p):
+        assert p.llm.device == "cuda" and all(v.device_name().lower() == "cuda" for v in p.llm.past)
+
+    cpu, cuda = tokens_on(b, "cpu", shape_image), tokens_on(b, "cuda", shape_image, on_gpu)
     assert cuda[:3] == cpu[:3]
 
 

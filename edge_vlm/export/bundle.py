@@ -57,7 +57,7 @@ class BundleWriter:
 
     def commit(self, manifest: Manifest) -> Path:
         manifest.files = {p.relative_to(self.tmp).as_posix(): describe_file(p) for p in sorted(self.tmp.rglob("*"))
-                          if p.is_file() and p.name != MANIFEST}
+                          if p.is_file() and p.relative_to(self.tmp).as_posix() != MANIFEST}
         part = self.tmp / (MANIFEST + ".part")
         part.write_text(manifest.to_json())
         part.replace(self.tmp / MANIFEST)

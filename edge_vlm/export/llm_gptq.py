@@ -55,19 +55,31 @@ def default_group_size(config) -> int:
 
 @contextlib.contextmanager
 def quiet_gptqmodel(threads: int = 0):
-    """GPTQModel's stdout chatter and its ./logs folder go to a temporary place."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(threads or os.cpu_count() or 1))
-    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")  # python packer: same bytes, no C++ build
+    """GPTQModel's settings for this run only; its stdout chatter and its ./logs files go to a
+    temporary folder instead of the user's terminal and working directory."""
     from edge_vlm.logs import root_logging_preserved
 
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="edge-vlm-gptq-") as scratch:
-        os.chdir(scratch)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), root_logging_preserved():
+    env = {"GPTQMODEL_CPU_WORKERS": str(threads or os.cpu_count() or 1),
+           "GPTQMODEL_DISABLE_PACK_EXT": "1"}  # python packer: the same bytes without a C++ build
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-vlm-gptq-") as scratch, \
+                contextlib.redirect_stdout(io.StringIO()), root_logging_preserved():
+            from gptqmodel.looper import loop_processor
+
+            log_dir = loop_processor._PROJECT_LOG_DIR  # where it writes logs/*.log (relative: the cwd)
+            loop_processor._PROJECT_LOG_DIR = Path(scratch) / "logs"
+            try:
                 yield
-        finally:
-            os.chdir(cwd)
+            finally:
+                loop_processor._PROJECT_LOG_DIR = log_dir
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -78,7 +90,10 @@ class CalibrationSequence:
 
 
 def calibration_sequences(ctx, kind: str, folder: Path) -> list[CalibrationSequence]:
-    """Template(before) + image + template(after, question) + answer + end-of-turn, as token ids."""
+    """Template(before) + image + template(after, question) + answer + end-of-turn, as token ids.
+
+    Each image gets its own placeholder id (a real vocabulary id no calibration text uses), so two
+    sequences with the same question and answer about different images stay distinguishable."""
     from edge_vlm.data import load_questions
 
     src, ref = ctx.src, ctx.ref_llm
@@ -86,32 +101,27 @@ def calibration_sequences(ctx, kind: str, folder: Path) -> list[CalibrationSeque
     if not questions:
         raise BadInput(f"calibration set {folder} has no questions")
     end = src.prompt.stop[0] if src.prompt.stop else ""
-    embeds, seqs = {}, []
-    placeholder = None
+    parts = []
     for q in questions:
         before, after = src.prompt.render(q.text)
-        pre = ref.tokenize(before, src.prompt.add_bos)
-        post = ref.tokenize(after + q.answer + end, False)
-        if kind == "text":
-            seqs.append(CalibrationSequence(pre + post, -1, None))
-            continue
-        if q.image not in embeds:
+        parts.append((q, ref.tokenize(before, src.prompt.add_bos), ref.tokenize(after + q.answer + end, False)))
+    if kind == "text":
+        return [CalibrationSequence(pre + post, -1, None) for _, pre, post in parts]
+    used = {i for _, pre, post in parts for i in pre + post}
+    free = (i for i in range(src.llm.config.vocab_size - 1, 0, -1) if i not in used)
+    placeholder, embeds, seqs = {}, {}, []
+    for q, pre, post in parts:
+        if q.image not in placeholder:
+            placeholder[q.image] = next(free)  # GPTQModel replaces out-of-range ids: stay inside the vocabulary
             embeds[q.image] = ctx.embed_image(q.image)
         img = embeds[q.image]
-        if placeholder is None:
-            placeholder = _unused_id(ref, src.llm.config.vocab_size, pre + post)
-        seqs.append(CalibrationSequence(pre + [placeholder] * len(img) + post, len(pre), img))
+        seqs.append(CalibrationSequence(pre + [placeholder[q.image]] * len(img) + post, len(pre), img))
     return seqs
 
 
-def _unused_id(ref, n_vocab: int, text_ids) -> int:
-    """A real vocabulary id (GPTQModel replaces out-of-range ids) that the text does not use."""
-    used = set(text_ids)
-    return next(i for i in range(n_vocab - 1, 0, -1) if i not in used)
-
-
 def splice_hook(seqs: list[CalibrationSequence]):
-    """Forward hook for the input embedding: image rows replace the placeholders of each sequence."""
+    """Forward hook for the input embedding: image rows replace the placeholders of each sequence.
+    `hook.spliced` collects the sequences (by ids) it has written images into."""
     import torch
 
     by_ids = {tuple(s.ids): s for s in seqs if s.image is not None}
@@ -120,14 +130,15 @@ def splice_hook(seqs: list[CalibrationSequence]):
         ids = args[0]
         output = output.clone()
         for b in range(ids.shape[0]):
-            s = by_ids.get(tuple(ids[b].tolist()))
+            key = tuple(ids[b].tolist())
+            s = by_ids.get(key)
             if s is not None:
                 rows = torch.from_numpy(s.image).to(output.dtype)
                 output[b, s.image_at:s.image_at + len(rows)] = rows
-                hook.spliced += 1
+                hook.spliced.add(key)
         return output
 
-    hook.spliced = 0
+    hook.spliced = set()
     return hook
 
 
@@ -166,10 +177,11 @@ def export_llm(ctx):
         model.save(str(out))
     del model
     shutil.rmtree(plain)
+    image_keys = {tuple(s.ids) for s in seqs if s.image is not None}
     n_image = sum(s.image is not None for s in seqs)
-    if hook.spliced < n_image:
-        raise ExportError(f"GPTQ calibration saw image embeddings in {hook.spliced} of {n_image} sequences: "
-                          "the splice hook did not run where expected (GPTQModel changed?)")
+    if image_keys - hook.spliced:
+        raise ExportError(f"GPTQ calibration saw image embeddings in {len(hook.spliced)} of {len(image_keys)} "
+                          "image sequences: the splice hook did not run where expected (GPTQModel changed?)")
     for stray in ("quant_log.csv",):
         (out / stray).unlink(missing_ok=True)
     ctx.step("validate LLM")

@@ -172,13 +172,17 @@ def weights_to_fp16(model):
     return model
 
 
-def weight_mix(path: Path) -> dict:
-    """What the file really holds: weight fraction per storage type and bits per weight."""
+def weight_mix(path: Path, extra: dict | None = None) -> dict:
+    """What the LLM really holds: weight fraction per storage type and bits per weight, over the
+    ONNX graph's initializers plus `extra` tables stored beside it ({label: (elements, bytes)})."""
     import onnx
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     counted, by_type, nbytes = set(), {}, 0
+    for key, (elems, size) in (extra or {}).items():
+        by_type[key] = elems
+        nbytes += size
     for n in model.graph.node:
         if n.op_type == "MatMulNBits":
             a = {x.name: x.i for x in n.attribute}
@@ -255,7 +259,7 @@ def export_llm(ctx):
 
     shutil.rmtree(tmp_dir)
     np.save(ctx.bw.path("embed_tokens.npy"), table.astype(np.float16))
-    mix = weight_mix(ctx.bw.path(llm_file))
+    mix = weight_mix(ctx.bw.path(llm_file), {"float16 (embed_tokens.npy)": (table.size, table.size * 2)})
     ctx.step("validate LLM")
     session = OnnxDecoderSession(ctx.bw.path(llm_file), np.load(ctx.bw.path("embed_tokens.npy")), bundle_tok,
                                  n_ctx=512, threads=cfg.threads)

@@ -15,7 +15,7 @@ from edge_vlm.errors import BundleError, ContextOverflow
 
 class OnnxDecoderSession:
     def __init__(self, path: Path, embed_table: np.ndarray, tokenizer, n_ctx: int = 2048, threads: int = 0,
-                 providers=("CPUExecutionProvider",)):
+                 providers=("CPUExecutionProvider",), require_gpu: bool = False):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -40,6 +40,12 @@ class OnnxDecoderSession:
         self.tok = tokenizer
         self.n_ctx = n_ctx
         self.device = "cuda" if self.sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if require_gpu and self.device != "cuda":
+            from edge_vlm.errors import DeviceUnavailable
+
+            raise DeviceUnavailable("onnxruntime could not start its CUDA provider for the LLM (driver, CUDA or "
+                                    "cuDNN libraries?) and would silently run it on the CPU; run with --device cpu "
+                                    "or fix the CUDA setup")
         self.reset()
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -98,7 +104,14 @@ def open_session(bundle: Path, manifest, cfg, plan):
     from edge_vlm.runtime.tokenizer import BundleTokenizer
 
     t = manifest.llm.tokenizer
-    table = np.load(bundle / t["embed_tokens"], mmap_mode="r")
+    if not {"file", "embed_tokens"} <= set(t):
+        raise BundleError("the manifest's llm.tokenizer lacks 'file' or 'embed_tokens': an onnx bundle needs both; "
+                          "export it again")
+    try:
+        table = np.load(bundle / t["embed_tokens"], mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{t['embed_tokens']} is not a readable .npy table ({e}): export the bundle again") from e
     tok = BundleTokenizer(bundle / t["file"], t.get("bos_id"), t.get("eog_ids", []))
     n_ctx = min(cfg.n_ctx, manifest.llm.n_ctx_train or cfg.n_ctx)
-    return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, plan.llm_providers)
+    return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, plan.llm_providers,
+                              require_gpu=cfg.device == "cuda")
