@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 from edge_vlm.errors import BadInput, MissingPackage
 
-# torch is pinned in every extra that needs it: an unpinned torch pulls a multi-GB CUDA build
-INSTALL = {
-    "gguf": "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36",
-    "onnx": "pip install 'edge-vlm[cpu]'  (GPU: 'edge-vlm[gpu]', never both)",
-    "bnb": "pip install torch==2.13.0 'edge-vlm[bnb]'",
-    "gptq": "pip install torch==2.13.0 'edge-vlm[gptq]'",
-    "export": "pip install torch==2.13.0 'edge-vlm[export]'",
-}
+# torch is pinned in every command that installs it: an unpinned torch pulls a multi-GB CUDA build
+LLAMA_INSTALL = "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36"
+ORT_INSTALL = "pip install 'edge-vlm[cpu]' (or 'edge-vlm[gpu]'; never both)"
+
+# ExportConfig fields that only some backends take, with their flags
+OPTION_FLAGS = {"quant": "--quant", "group_size": "--group-size", "accuracy_level": "--accuracy-level",
+                "calibration": "--calibration", "calibration_data": "--calibration-data"}
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,9 @@ class Backend:
     exporter: str  # module with export_llm(ctx)
     runtime: str  # module with open_session(bundle, manifest, RuntimeConfig, DevicePlan) -> LLMSession
     cuda_via: str  # what must see a GPU for --device cuda: llama_cpp | onnxruntime | torch
-
-    @property
-    def install(self) -> str:
-        return INSTALL[self.name]
+    options: frozenset  # the OPTION_FLAGS fields this backend takes
+    install_run: str  # what to install to run its bundles
+    install_export: str  # what to install to export with it (export validates with the runtime too)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -50,28 +48,33 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                       "for TinyGPT-V's Phi-2 variant with QK-LayerNorm and post-attention RMSNorm)",
             export_modules=("gguf", "llama_cpp"), runtime_modules=("llama_cpp",), runtime_needs_torch=False,
             exporter="edge_vlm.export.llm_gguf", runtime="edge_vlm.runtime.llm_gguf",
-            cuda_via="llama_cpp"),
+            cuda_via="llama_cpp", options=frozenset({"quant"}), install_run=LLAMA_INSTALL,
+            install_export=f"pip install torch==2.13.0 'edge-vlm[export]' and {LLAMA_INSTALL}"),
     Backend("onnx", "ONNX decoder with KV cache; 4/8-bit MatMulNBits weights, 16-bit fp16 weights; any torch "
                     "decoder; onnxruntime (CPU EP, CUDA EP with onnxruntime-gpu), no torch at runtime",
             bits=(4, 8, 16), devices=("cpu", "cuda"), archs=None, arch_note="",
             export_modules=("onnx", "onnxscript", "onnx_ir", "onnxruntime"),
             runtime_modules=("onnxruntime", "tokenizers"), runtime_needs_torch=False,
             exporter="edge_vlm.export.llm_onnx", runtime="edge_vlm.runtime.llm_onnx",
-            cuda_via="onnxruntime"),
+            cuda_via="onnxruntime", options=frozenset({"group_size", "accuracy_level"}), install_run=ORT_INSTALL,
+            install_export="pip install torch==2.13.0 'edge-vlm[export,cpu]'"),
     Backend("gptq", "GPTQModel 4/8-bit GPTQ, calibrated on image-conditioned sequences; runs through torch",
             bits=(4, 8), devices=("cpu", "cuda"), archs=frozenset({"llama"}),
             arch_note="GPTQModel quantizes the architectures it has a definition for; edge-vlm wires up llama",
             export_modules=("gptqmodel",), runtime_modules=("torch", "transformers", "gptqmodel"),
             runtime_needs_torch=True,
             exporter="edge_vlm.export.llm_gptq", runtime="edge_vlm.runtime.llm_torch",
-            cuda_via="torch"),
+            cuda_via="torch", options=frozenset({"group_size", "calibration", "calibration_data"}),
+            install_run="pip install torch==2.13.0 'edge-vlm[gptq]'",
+            install_export="pip install torch==2.13.0 'edge-vlm[export,gptq]'"),
     Backend("bnb", "bitsandbytes nf4 (double quant) / int8 transformers checkpoint; any transformers decoder; "
                    "runs through torch (slow on CPU, made for CUDA)",
             bits=(4, 8), devices=("cpu", "cuda"), archs=None, arch_note="",
             export_modules=("bitsandbytes",), runtime_modules=("torch", "transformers", "bitsandbytes"),
             runtime_needs_torch=True,
             exporter="edge_vlm.export.llm_bnb", runtime="edge_vlm.runtime.llm_torch",
-            cuda_via="torch"),
+            cuda_via="torch", options=frozenset(), install_run="pip install torch==2.13.0 'edge-vlm[bnb]'",
+            install_export="pip install torch==2.13.0 'edge-vlm[export,bnb]'"),
 )}
 
 # `auto` takes the first usable backend: llama.cpp is the fastest runtime on CPU and GPU and needs no
@@ -98,7 +101,8 @@ class Verdict:
 
 
 def assess(b: Backend, arch: str | None, bits: int | None, device: str, for_export: bool = True) -> Verdict:
-    """Can `b` export (or run) an `arch` model at `bits` for `device`? Checks in the order a user fixes them."""
+    """Can `b` export (or, for_export=False, run) an `arch` model at `bits` for `device`? Checks in
+    the order a user fixes them. An export for `cuda` needs no GPU here: bundles are portable."""
     if arch is not None and b.archs is not None and arch not in b.archs:
         return Verdict(b.name, False, f"architecture {arch!r} not supported: {b.arch_note}")
     if bits is not None and bits not in b.bits:
@@ -107,10 +111,20 @@ def assess(b: Backend, arch: str | None, bits: int | None, device: str, for_expo
         return Verdict(b.name, False, f"does not run on {device}")
     gone = missing_modules(b.export_modules + b.runtime_modules if for_export else b.runtime_modules)
     if gone:
-        return Verdict(b.name, False, f"not installed (missing {', '.join(gone)}): {b.install}")
-    if device == "cuda" and not gpu_visible(b.cuda_via):
+        return Verdict(b.name, False, f"not installed (missing {', '.join(gone)}): "
+                                      f"{b.install_export if for_export else b.install_run}")
+    if not for_export and device == "cuda" and not gpu_visible(b.cuda_via):
         return Verdict(b.name, False, f"{b.cuda_via} sees no CUDA GPU here")
     return Verdict(b.name, True, b.summary)
+
+
+def check_options(b: Backend, given: dict) -> None:
+    """Refuse backend-specific options the chosen backend would silently ignore."""
+    wrong = [k for k, v in given.items() if v is not None and k not in b.options]
+    if wrong:
+        takers = {k: [n for n, x in BACKENDS.items() if k in x.options] for k in wrong}
+        raise BadInput("; ".join(f"{OPTION_FLAGS[k]} does not apply to the {b.name} backend (it is for "
+                                 f"{', '.join(takers[k])}: pass --backend)" for k in wrong))
 
 
 def choose(requested: str, arch: str | None, bits: int | None, device: str = "auto") -> tuple[Backend, str]:
@@ -137,27 +151,28 @@ def runtime_module(b: Backend):
     """The runtime module of `b`, or MissingPackage with the install command."""
     gone = missing_modules(b.runtime_modules)
     if gone:
-        raise MissingPackage(gone[0], b.install, f"this bundle's LLM runs on the {b.name} backend")
+        raise MissingPackage(gone[0], b.install_run, f"this bundle's LLM runs on the {b.name} backend")
     return importlib.import_module(b.runtime)
 
 
 def exporter_module(b: Backend):
     gone = missing_modules(b.export_modules)
     if gone:
-        raise MissingPackage(gone[0], b.install, f"exporting with the {b.name} backend")
+        raise MissingPackage(gone[0], b.install_export, f"exporting with the {b.name} backend")
     return importlib.import_module(b.exporter)
 
 
 def table(device: str = "auto") -> list[dict]:
-    """One row per backend for `edge-vlm backends`: what it does and whether it works on this machine."""
+    """One row per backend for `edge-vlm backends`: what it does and whether it can run bundles and
+    export on this machine (a runtime-only box runs bundles it cannot make)."""
     rows = []
     for b in BACKENDS.values():
-        run_missing = missing_modules(b.runtime_modules)
-        exp_missing = missing_modules(b.export_modules)
-        v = assess(b, None, None, device)
+        run = assess(b, None, None, device, for_export=False)
+        exp = assess(b, None, None, device, for_export=True)
         rows.append({"backend": b.name, "bits": list(b.bits), "devices": list(b.devices),
                      "architectures": sorted(b.archs) if b.archs else "any torch decoder",
-                     "runtime_needs_torch": b.runtime_needs_torch,
-                     "export_installed": not exp_missing, "runtime_installed": not run_missing,
-                     "usable": v.usable, "why": v.reason, "install": b.install})
+                     "runtime_needs_torch": b.runtime_needs_torch, "options": sorted(OPTION_FLAGS[o] for o in b.options),
+                     "can_run": run.usable, "can_export": exp.usable,
+                     "why_not": None if run.usable and exp.usable else (exp.reason if run.usable else run.reason),
+                     "install_run": b.install_run, "install_export": b.install_export})
     return rows

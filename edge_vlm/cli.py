@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", default=None,
                    help="built-in model name or folder with edge-vlm-source.json (default: nano, the built-in model)")
     p.add_argument("--recipe", help="TOML export recipe (see export/); flags given here override its fields")
-    p.add_argument("--backend", choices=["auto", "gguf", "onnx", "gptq", "bnb"], default=None,
+    from edge_vlm.backends import BACKENDS
+
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default=None,
                    help="how the LLM is quantized and run (default auto; see below)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None, help="LLM weight bits (default 4)")
@@ -169,11 +171,13 @@ def cmd_backends(a):
     if a.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'backend':<8} {'bits':<8} {'devices':<9} {'architectures':<18} {'torch at runtime':<17} usable here")
+    print(f"{'backend':<8} {'bits':<8} {'devices':<9} {'architectures':<18} {'torch to run':<13} "
+          f"{'can run':<8} can export")
     for r in rows:
         archs = r["architectures"] if isinstance(r["architectures"], str) else ", ".join(r["architectures"])
         print(f"{r['backend']:<8} {'/'.join(map(str, r['bits'])):<8} {'/'.join(r['devices']):<9} {archs:<18} "
-              f"{'yes' if r['runtime_needs_torch'] else 'no':<17} {'yes' if r['usable'] else 'NO: ' + r['why']}")
+              f"{'yes' if r['runtime_needs_torch'] else 'no':<13} {'yes' if r['can_run'] else 'NO':<8} "
+              f"{'yes' if r['can_export'] else 'NO':<11} {r['why_not'] or ''}".rstrip())
 
 
 def cmd_run(a):

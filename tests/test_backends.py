@@ -18,6 +18,17 @@ CPU = RuntimeConfig(device="cpu", n_ctx=512)
 QUESTION = "what color is the shape?"
 
 
+def agrees_on_another_prompt(bundle, reference, image):
+    """Agreement with the reference on an image and prompt the export did not validate with, held to
+    the floor the backend set for itself at export."""
+    from edge_vlm.export.llm_validate import teacher_forced_agreement
+
+    with Pipeline.load(bundle, CPU) as p:
+        r = teacher_forced_agreement(reference.llm, p.llm, p.manifest.prompt, QUESTION, reference.embed(image), 12)
+        floor = p.manifest.validation["llm"]["min_agreement"]
+    assert all(r[k] >= v for k, v in floor.items()), (r, floor)
+
+
 def greedy(pipe, image, n=10):
     stats = GenerationStats()
     "".join(pipe.generate(image, QUESTION, SamplingConfig(max_tokens=n), stats))
@@ -55,7 +66,7 @@ def test_no_backend_fits_lists_every_reason(monkeypatch):
     assert "gguf: architecture 'tinygpt_v_phi' not supported" in msg
     for name in ("onnx", "gptq", "bnb"):
         assert f"  {name}: " in msg
-    assert "bnb: not installed" in msg and "edge-vlm[bnb]" in msg
+    assert "bnb: not installed" in msg and "'edge-vlm[export,bnb]'" in msg
 
 
 def test_requested_backend_that_cannot_do_the_bits():
@@ -71,6 +82,25 @@ def test_backends_command_prints_the_table(capsys):
     assert rows["gguf"]["runtime_needs_torch"] is False and rows["bnb"]["runtime_needs_torch"] is True
     code, out, _ = run_cli(["backends"], capsys)
     assert code == 0 and out.splitlines()[0].startswith("backend") and len(out.splitlines()) == 5
+    assert all(r["can_run"] and r["can_export"] for r in rows.values())  # everything is installed here
+    code, out, _ = run_cli(["backends", "--device", "cuda", "--json"], capsys)
+    rows = {r["backend"]: r for r in json.loads(out)}
+    # exporting for a GPU target needs no GPU here; running on one does
+    assert all(r["can_export"] for r in rows.values())
+    from edge_vlm.runtime import device
+    if not device.torch_has_cuda():
+        assert not rows["bnb"]["can_run"] and "torch sees no CUDA GPU" in rows["bnb"]["why_not"]
+
+
+def test_options_a_backend_would_ignore_are_refused(tiny_source, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_source), "--backend", "bnb", "--group-size", "64", "-o",
+                            tmp_path / "a"], capsys)
+    assert code == 2 and "--group-size does not apply to the bnb backend (it is for onnx, gptq" in err
+    code, _, err = run_cli(["export", str(tiny_source), "--calibration", "text", "-o", tmp_path / "b"], capsys)
+    assert code == 2 and "--calibration does not apply to the gguf backend" in err  # auto chose gguf
+    code, _, err = run_cli(["export", str(tiny_source), "--backend", "gptq", "--group-size", "48", "-o",
+                            tmp_path / "c"], capsys)
+    assert code == 2 and "power of two" in err and not any(tmp_path.iterdir())
 
 
 def test_quant_flag_is_gguf_only(tiny_source, tmp_path, capsys):
@@ -96,7 +126,7 @@ def test_onnx_fp32_decoder_matches_torch_and_fp16_bundle_gives_the_same_greedy_t
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend, shape_image, bits):
+def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend, references, shape_image, bits):
     b = export_backend("onnx", bits)
     m = load_manifest(b)
     q = m.llm.quant
@@ -106,11 +136,10 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] > 0.99
     assert bits < q["bits_per_weight"] < 16
     assert set(m.files) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
-    floor = m.validation["llm"]["min_agreement"]
-    assert all(m.validation["llm"][k] >= v for k, v in floor.items())
     with Pipeline.load(b, CPU) as p:
         r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
     assert r.stats.generated_tokens >= 1 and r.timings_ms["vision_ms"] > 0
+    agrees_on_another_prompt(b, references["llama"], shape_image)
 
 
 def test_onnx_block_size_is_configurable(export_backend):
@@ -167,17 +196,24 @@ def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, capsys):
 # ---- bnb ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,llm", [(4, "llama"), (8, "llama"), (4, "phi")])
-def test_bnb_bundle_runs_and_agrees_with_reference(export_backend, shape_image, bits, llm):
+def test_bnb_bundle_runs_and_agrees_with_reference(export_backend, references, shape_image, bits, llm):
     b = export_backend("bnb", bits, llm)
     m = load_manifest(b)
     assert m.llm.backend == "bnb" and m.llm.file == "llm" and m.llm.quant["bits"] == bits
     assert any(f.startswith("llm/") and f.endswith(".safetensors") for f in m.files)
     verify_files(b, m, hashes="sha256")  # files inside the checkpoint folder are listed and hashed
-    floor = m.validation["llm"]["min_agreement"]
-    assert all(m.validation["llm"][k] >= v for k, v in floor.items())
-    with Pipeline.load(b, CPU) as p:
-        r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
-    assert r.stats.generated_tokens >= 1
+    agrees_on_another_prompt(b, references[llm], shape_image)
+
+
+def test_unlisted_file_in_a_checkpoint_folder_is_refused(export_backend, tmp_path, capsys):
+    """transformers would load any *.safetensors in llm/: one the manifest does not list is an error."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(export_backend("bnb", 8), b)
+    (b / "llm" / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    code, _, err = run_cli(["inspect", str(b)], capsys)
+    assert code == 3 and "holds files the manifest does not list: llm/model-00002-of-00002.safetensors" in err
 
 
 def test_bundle_whose_extra_is_missing_says_how_to_install(export_backend, monkeypatch):
@@ -208,7 +244,7 @@ def test_outputs_differ_between_backends_only_by_quantization(export_backend, re
 # ---- gptq -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,calibration", [(4, "image"), (8, "text")])
-def test_gptq_bundle_runs_and_records_its_calibration(export_backend, shape_image, bits, calibration):
+def test_gptq_bundle_runs_and_records_its_calibration(export_backend, references, shape_image, bits, calibration):
     b = export_backend("gptq", bits, calibration=calibration)
     m = load_manifest(b)
     q = m.llm.quant
@@ -218,11 +254,7 @@ def test_gptq_bundle_runs_and_records_its_calibration(export_backend, shape_imag
     assert cs["folder"] == "easy-vqa-sample" and cs["sequences"] == 40
     assert cs["with_image"] == (40 if calibration == "image" else 0)
     assert not any(f.endswith("quant_log.csv") for f in m.files)
-    floor = m.validation["llm"]["min_agreement"]
-    assert all(m.validation["llm"][k] >= v for k, v in floor.items())
-    with Pipeline.load(b, CPU) as p:
-        r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
-    assert r.stats.generated_tokens >= 1
+    agrees_on_another_prompt(b, references["llama"], shape_image)
 
 
 def test_image_conditioned_calibration_changes_the_quantized_weights(export_backend):

@@ -151,7 +151,10 @@ def export_llm(ctx):
     cfg, src = ctx.cfg, ctx.src
     if cfg.bits not in MIN_AGREEMENT:
         raise BadInput(f"the gptq backend takes --bits 4 or 8, not {cfg.bits}")
-    settings = GPTQSettings(cfg.bits, cfg.group_size or default_group_size(src.llm.config), cfg.calibration)
+    group = cfg.group_size or default_group_size(src.llm.config)
+    if group != -1 and (group < 16 or group & (group - 1)):
+        raise BadInput(f"--group-size {group}: GPTQ takes a power of two >= 16, or -1 for one group per row")
+    settings = GPTQSettings(cfg.bits, group, cfg.calibration or "image")
     folder = Path(cfg.calibration_data) if cfg.calibration_data else DEFAULT_CALIBRATION
     if not (folder / "questions.json").is_file():
         raise BadInput(f"no calibration set at {folder}: pass --calibration-data DIR (easy-VQA's format: "

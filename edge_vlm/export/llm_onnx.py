@@ -227,7 +227,8 @@ def tokenizer_spec(tokenizer, ref_llm, folder: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         (folder / "tokenizer.json").write_bytes((Path(d) / "tokenizer.json").read_bytes())
-    return {"file": "tokenizer.json", "bos_id": tokenizer.bos_token_id, "eog_ids": sorted(ref_llm.eog - {None})}
+    return {"file": "tokenizer.json", "bos_id": tokenizer.bos_token_id, "eog_ids": sorted(ref_llm.eog - {None}),
+            "clean_up_tokenization_spaces": bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))}
 
 
 def export_llm(ctx):
@@ -246,7 +247,8 @@ def export_llm(ctx):
     fp32 = tmp_dir / "llm.onnx"
     export_fp32(src.llm, fp32)
     tok = tokenizer_spec(src.tokenizer, ctx.ref_llm, ctx.bw.path(""))
-    bundle_tok = BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"])
+    bundle_tok = BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"],
+                                 tok["clean_up_tokenization_spaces"])
     table = src.llm.get_input_embeddings().weight.detach().float().numpy()
     ctx.step("validate fp32 decoder")
     session = OnnxDecoderSession(fp32, table, bundle_tok, n_ctx=512, threads=cfg.threads)

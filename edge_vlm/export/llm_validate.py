@@ -10,18 +10,21 @@ import numpy as np
 from edge_vlm.errors import ExportValidationError
 
 TOKENIZER_PROBES = ("Hello, world!", "  two  spaces\tand a tab\n", "3.14159 + 42 = 45.14159",
-                    "café naïve 日本語 emoji 🙂", "<|im_start|>user\nwhat?<|im_end|>\n")
+                    "café naïve 日本語 emoji 🙂", "<|im_start|>user\nwhat?<|im_end|>\n",
+                    "It 's a dog , isn't it ? I 'm sure .")
 
 
 def check_tokenizer(ref, test, prompt, what: str = "bundle tokenizer") -> dict:
-    """The bundle's tokenizer must give the reference's ids for the template and tricky strings."""
+    """The bundle's tokenizer must give the reference's ids for the template and tricky strings, and
+    decode those ids to the reference's text (stop strings are matched on that text)."""
     before, after = prompt.render("what color is the shape?")
     cases = (before, after) + TOKENIZER_PROBES
-    bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)]
+    bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)
+           or ref.detokenize(ref.tokenize(c, False)) != test.detokenize(ref.tokenize(c, False))]
     if bad:
         raise ExportValidationError(what, {repr(c)[:40]: float("nan") for c in bad},
                                     "identical token ids (is tokenizer_pre right for this tokenizer?)")
-    return {"strings": len(cases), "identical_ids": True}
+    return {"strings": len(cases), "identical_ids": True, "identical_text": True}
 
 
 def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:

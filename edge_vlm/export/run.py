@@ -18,7 +18,7 @@ class ExportConfig:
     quant: str | None = None  # gguf only: any llama.cpp type, overrides --bits
     group_size: int | None = None  # onnx MatMulNBits block size (default 32) / gptq group size (default 128)
     accuracy_level: int | None = None  # onnx MatMulNBits accuracy level
-    calibration: str = "image"  # gptq: image-conditioned (default) or text-only calibration sequences
+    calibration: str | None = None  # gptq: "image" (the default) or "text" calibration sequences
     calibration_data: str | None = None  # gptq: easy-VQA-format folder (default: calibration_data/easy-vqa-sample)
     device: str = "auto"  # the device the bundle is meant for: auto | cpu | cuda
     force: bool = False
@@ -58,6 +58,8 @@ def load_recipe(path: str) -> dict:
 
         if data["source"] not in BUILTIN:
             data["source"] = str((p.parent / data["source"]).resolve())
+    if "calibration_data" in data and not Path(str(data["calibration_data"])).is_absolute():
+        data["calibration_data"] = str((p.parent / data["calibration_data"]).resolve())
     return data
 
 
@@ -96,12 +98,14 @@ class ExportContext:
 
 
 def pick_backend(cfg: ExportConfig, arch: str | None):
-    from edge_vlm.backends import choose
+    from edge_vlm.backends import OPTION_FLAGS, check_options, choose
 
     if cfg.quant and cfg.backend not in ("auto", "gguf"):
         raise BadInput(f"--quant names a llama.cpp type; it cannot be used with --backend {cfg.backend}")
     requested = "gguf" if cfg.quant else cfg.backend
-    return choose(requested, arch, None if cfg.quant else cfg.bits, cfg.device)
+    backend, why = choose(requested, arch, None if cfg.quant else cfg.bits, cfg.device)
+    check_options(backend, {k: getattr(cfg, k) for k in OPTION_FLAGS})
+    return backend, why
 
 
 def run(cfg: ExportConfig, progress: bool = True) -> Path:
@@ -115,7 +119,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm.manifest import Manifest, VisionSpec
     from edge_vlm.reference import ReferencePipeline, TorchLLMSession
 
-    if cfg.calibration not in ("image", "text"):
+    if cfg.calibration not in (None, "image", "text"):
         raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
     pick_backend(cfg, None)  # an impossible flag combination fails before any work
     if cfg.quant or cfg.backend == "gguf":

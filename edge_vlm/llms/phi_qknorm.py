@@ -10,7 +10,8 @@ Phi-2 the decoder layer has:
   - Phi's parallel block: h = x + post_layernorm(attn(ln(x))) + mlp(ln(x)), ln = `input_layernorm`;
   - partial rotary embeddings (rotate-half on the first `partial_rotary_factor * head_dim` dims),
     gelu_new MLP `fc1`/`fc2`, `model.final_layernorm`, and `lm_head` with a bias.
-Key names follow the old-format Phi-2 layout, so TinyGPT-V stage checkpoints load directly.
+Parameter names follow the old-format Phi-2 layout that TinyGPT-V's Phi-2 weights and stage
+checkpoints use (without their PEFT prefixes).
 
 llama.cpp has no such architecture; the onnx and bnb backends take it. The KV cache is any transformers `Cache` (`update(k, v, layer_idx)`).
 """

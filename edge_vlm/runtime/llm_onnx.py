@@ -111,7 +111,8 @@ def open_session(bundle: Path, manifest, cfg, plan):
         table = np.load(bundle / t["embed_tokens"], mmap_mode="r")
     except (OSError, ValueError) as e:
         raise BundleError(f"{t['embed_tokens']} is not a readable .npy table ({e}): export the bundle again") from e
-    tok = BundleTokenizer(bundle / t["file"], t.get("bos_id"), t.get("eog_ids", []))
+    tok = BundleTokenizer(bundle / t["file"], t.get("bos_id"), t.get("eog_ids", []),
+                          t.get("clean_up_tokenization_spaces", False))
     n_ctx = min(cfg.n_ctx, manifest.llm.n_ctx_train or cfg.n_ctx)
     return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, plan.llm_providers,
                               require_gpu=cfg.device == "cuda")

@@ -108,7 +108,9 @@ def load_gptq(folder: Path, device: str = "cpu", n_ctx: int = 2048) -> TorchLLMS
     import torch
 
     # GPTQModel's torch kernel otherwise torch.compiles its dequantization on the first forward
-    # (~25 s on 2 cores); eager is what every other backend here runs too.
+    # (~25 s on 2 cores); eager is what every other backend here runs too. This switch is
+    # process-wide: a program that loads a GPTQ bundle and also relies on torch.compile must
+    # set it back itself (edge-vlm compiles nothing).
     torch._dynamo.config.disable = True
     try:
         from edge_vlm.logs import root_logging_preserved

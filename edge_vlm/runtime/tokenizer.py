@@ -7,8 +7,15 @@ from pathlib import Path
 from edge_vlm.errors import BundleError
 
 
+# transformers' `clean_up_tokenization_spaces` (on for some tokenizers, e.g. Phi-2's): decoded text
+# loses the space before these. Applied when the export recorded the flag, so text and stop
+# strings match the torch reference's.
+CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
 class BundleTokenizer:
-    def __init__(self, path: Path, bos_id: int | None, eog_ids):
+    def __init__(self, path: Path, bos_id: int | None, eog_ids, clean_up_spaces: bool = False):
         from tokenizers import Tokenizer
 
         try:
@@ -17,6 +24,7 @@ class BundleTokenizer:
             raise BundleError(f"{path} is not a readable tokenizer.json ({e}): export the bundle again") from e
         self.bos_id = bos_id
         self.eog = frozenset(int(i) for i in eog_ids)
+        self.clean_up_spaces = clean_up_spaces
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -26,4 +34,8 @@ class BundleTokenizer:
         return token in self.eog
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        if self.clean_up_spaces:
+            for a, b in CLEANUP:
+                text = text.replace(a, b)
+        return text
