@@ -28,7 +28,8 @@ ROWS = {  # row id -> export options (None: the fp32 torch reference); measured 
     "fp32": None,
     "gguf-4": {"backend": "gguf", "bits": 4},
     "gguf-8": {"backend": "gguf", "bits": 8},
-    "onnx-4": {"backend": "onnx", "bits": 4},
+    "onnx-4": {"backend": "onnx", "bits": 4},  # hqq
+    "onnx-4-rtn": {"backend": "onnx", "bits": 4, "int4_method": "rtn"},
     "onnx-8": {"backend": "onnx", "bits": 8},
     "gptq-4-image": {"backend": "gptq", "bits": 4, "calibration": "image"},
     "gptq-4-text": {"backend": "gptq", "bits": 4, "calibration": "text"},
@@ -84,7 +85,8 @@ def main():
     path = RESULTS / f"{NAME}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     rows = {r["row"]: r for r in data.get("rows", [])}
-    wanted = [k for k in ROWS if not a.only or any(k.startswith(p) for p in a.only.split(","))]
+    only = a.only.split(",") if a.only else []
+    wanted = [k for k in ROWS if not only or any(k == p if p in ROWS else k.startswith(p) for p in only)]
     for row in wanted:
         limit = a.slow_limit if ROWS[row] and ROWS[row]["backend"] in SLOW_BACKENDS else a.limit
         if row in rows and rows[row]["n"] == limit and not (a.redo or a.only):

@@ -19,6 +19,7 @@ ORT_INSTALL = "pip install 'edge-vlm[cpu]' (or 'edge-vlm[gpu]'; never both)"
 
 # ExportConfig fields that only some backends take, with their flags
 OPTION_FLAGS = {"quant": "--quant", "group_size": "--group-size", "accuracy_level": "--accuracy-level",
+                "int4_method": "--int4-method",
                 "calibration": "--calibration", "calibration_data": "--calibration-data"}
 
 
@@ -50,13 +51,13 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             exporter="edge_vlm.export.llm_gguf", runtime="edge_vlm.runtime.llm_gguf",
             cuda_via="llama_cpp", options=frozenset({"quant"}), install_run=LLAMA_INSTALL,
             install_export=f"pip install torch==2.13.0 'edge-vlm[export]' and {LLAMA_INSTALL}"),
-    Backend("onnx", "ONNX decoder with KV cache; 4/8-bit MatMulNBits weights, 16-bit fp16 weights; any torch "
+    Backend("onnx", "ONNX decoder with KV cache; 4-bit HQQ / 8-bit MatMulNBits weights, 16-bit fp16; any torch "
                     "decoder; onnxruntime (CPU EP, CUDA EP with onnxruntime-gpu), no torch at runtime",
             bits=(4, 8, 16), devices=("cpu", "cuda"), archs=None, arch_note="",
             export_modules=("onnx", "onnxscript", "onnx_ir", "onnxruntime"),
             runtime_modules=("onnxruntime", "tokenizers"), runtime_needs_torch=False,
             exporter="edge_vlm.export.llm_onnx", runtime="edge_vlm.runtime.llm_onnx",
-            cuda_via="onnxruntime", options=frozenset({"group_size", "accuracy_level"}), install_run=ORT_INSTALL,
+            cuda_via="onnxruntime", options=frozenset({"group_size", "accuracy_level", "int4_method"}), install_run=ORT_INSTALL,
             install_export="pip install torch==2.13.0 'edge-vlm[export,cpu]'"),
     Backend("gptq", "GPTQModel 4/8-bit GPTQ, calibrated on image-conditioned sequences; runs through torch",
             bits=(4, 8), devices=("cpu", "cuda"), archs=frozenset({"llama"}),

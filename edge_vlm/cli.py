@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "real image. The bundle appears only when everything passed.",
                        epilog="""LLM backends (--backend; `edge-vlm backends` says which work here):
   gguf   llama.cpp: --bits 4 Q4_K_M, 8 Q8_0, 16 F16, or --quant TYPE. Llama architecture. No torch at runtime.
-  onnx   ONNX decoder + KV cache on onnxruntime: --bits 4/8 MatMulNBits (--group-size, default 32;
-         --accuracy-level), 16 fp16 weights. Any torch decoder. No torch at runtime.
+  onnx   ONNX decoder + KV cache on onnxruntime: --bits 4/8 MatMulNBits (4: --int4-method hqq|rtn;
+         --group-size, default 32; --accuracy-level), 16 fp16 weights. Any torch decoder. No torch at runtime.
   gptq   GPTQModel: --bits 4/8, --group-size (default: the largest of 128/64/32 dividing the layer
          widths), calibrated on --calibration image (image embeddings + prompt + answer, the
          default) or text sequences (--calibration-data DIR). Runs through torch.
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: MatMulNBits block size (default 32); gptq: group size (default: largest of 128/64/32 dividing the layer widths)")
     p.add_argument("--accuracy-level", type=int, default=None,
                    help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
+    p.add_argument("--int4-method", choices=["hqq", "rtn"], default=None,
+                   help="onnx --bits 4: hqq (default; float zero points, optimized) or rtn (round to nearest)")
     p.add_argument("--calibration", choices=["image", "text"], default=None,
                    help="gptq: calibrate on image-conditioned sequences (default) or on text alone")
     p.add_argument("--calibration-data", default=None,
@@ -132,7 +134,8 @@ def cmd_export(a):
 
     fields = load_recipe(a.recipe) if a.recipe else {}
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
-             "group_size": a.group_size, "accuracy_level": a.accuracy_level, "calibration": a.calibration,
+             "group_size": a.group_size, "accuracy_level": a.accuracy_level, "int4_method": a.int4_method,
+             "calibration": a.calibration,
              "calibration_data": a.calibration_data}
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant

@@ -130,7 +130,8 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     b = export_backend("onnx", bits)
     m = load_manifest(b)
     q = m.llm.quant
-    assert q["bits"] == bits and q["group_size"] == 32 and q["method"] == f"MatMulNBits int{bits}"
+    assert q["bits"] == bits and q["group_size"] == 32
+    assert q["method"] == {4: "MatMulNBits int4 (hqq)", 8: "MatMulNBits int8 (rtn)"}[bits]
     # every matmul, the tied output head included; the token-embedding table beside the graph is fp16
     types = q["tensor_types"]
     assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] > 0.99
@@ -142,9 +143,13 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     agrees_on_another_prompt(b, references["llama"], shape_image)
 
 
-def test_onnx_block_size_is_configurable(export_backend):
-    q = load_manifest(export_backend("onnx", 4, group_size=16)).llm.quant
-    assert q["group_size"] == 16 and "int4 (block 16)" in q["tensor_types"]
+def test_onnx_block_size_and_int4_method_are_configurable(export_backend, shape_image):
+    b = export_backend("onnx", 4, group_size=16, int4_method="rtn", accuracy_level=4)
+    q = load_manifest(b).llm.quant
+    assert q["group_size"] == 16 and "int4 (block 16)" in q["tensor_types"] and q["method"].endswith("(rtn)")
+    assert q["accuracy_level"] == 4 and q["symmetric"] is False
+    with Pipeline.load(b, CPU) as p:
+        assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=3)).stats.generated_tokens >= 1
 
 
 def test_onnx_external_data_path(tiny_source, tmp_path, monkeypatch, shape_image):

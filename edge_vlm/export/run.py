@@ -18,6 +18,7 @@ class ExportConfig:
     quant: str | None = None  # gguf only: any llama.cpp type, overrides --bits
     group_size: int | None = None  # onnx MatMulNBits block size (default 32) / gptq group size (default 128)
     accuracy_level: int | None = None  # onnx MatMulNBits accuracy level
+    int4_method: str | None = None  # onnx --bits 4: hqq (default) or rtn
     calibration: str | None = None  # gptq: "image" (the default) or "text" calibration sequences
     calibration_data: str | None = None  # gptq: easy-VQA-format folder (default: calibration_data/easy-vqa-sample)
     device: str = "auto"  # the device the bundle is meant for: auto | cpu | cuda
@@ -35,7 +36,7 @@ class ExportConfig:
         return BITS_TO_QUANT[self.bits]
 
 
-RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "calibration",
+RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
                  "calibration_data"}
 
 
