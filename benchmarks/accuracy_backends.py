@@ -62,6 +62,7 @@ def measure(row: str, opts, limit: int, bundles: str, threads: int, ref_outputs)
             if ref_outputs and len(ref_outputs) >= len(r["records"]) else None)
     q = m.llm.quant
     return {"row": row, "backend": m.llm.backend, "bits": opts["bits"], "quant": q["requested"],
+            "method": q.get("method"),
             "calibration": q.get("calibration"), "group_size": q.get("group_size"),
             "bits_per_weight": q["bits_per_weight"], "tensor_types": q["tensor_types"],
             "bundle_mb": round(sum(f["bytes"] for f in m.files.values()) / 1e6, 2),
@@ -118,7 +119,7 @@ def markdown(d: dict) -> str:
         base = ref[:r["n"]].count("1") / r["n"] if ref and len(ref) >= r["n"] else None
         delta = f"{100 * (r['accuracy'] - base):+.1f}" if base is not None else "—"
         same = r.get("same_answer_text_as_reference")
-        lines.append(f"| {r['backend']} | {r['bits']} | {r['quant']} ({r['bits_per_weight']}) | "
+        lines.append(f"| {r['backend']} | {r['bits']} | {r.get('method') or r['quant']} ({r['bits_per_weight']}) | "
                      f"{r.get('calibration') or '—'} | {r['bundle_mb'] or '—'} | {r['n']} | {r['accuracy']:.1%} | "
                      f"{'—' if base is None else f'{base:.1%}'} | {delta} | "
                      f"{k.get('color', 0):.1%} | {k.get('shape', 0):.1%} | {k.get('yes/no', 0):.1%} | "
