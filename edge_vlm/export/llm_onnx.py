@@ -18,6 +18,7 @@ token ids into embeddings without torch.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,8 +279,6 @@ def export_llm(ctx):
     ctx.step("quantize LLM")
     llm_file = "llm.onnx"
     quantize(fp32, ctx.bw.path(llm_file), q)
-    import shutil
-
     shutil.rmtree(tmp_dir)
     np.save(ctx.bw.path("embed_tokens.npy"), table.astype(np.float16))
     mix = weight_mix(ctx.bw.path(llm_file), {"float16 (embed_tokens.npy)": (table.size, table.size * 2)})

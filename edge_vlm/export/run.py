@@ -118,7 +118,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
     from edge_vlm.families import load_source, resolve_source
     from edge_vlm.manifest import Manifest, VisionSpec
-    from edge_vlm.reference import ReferencePipeline, TorchLLMSession
+    from edge_vlm.reference import ReferencePipeline
 
     if cfg.calibration not in (None, "image", "text"):
         raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
@@ -159,7 +159,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
                           n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size)
         vision_rt = VisionModel(bw.path(vision_file), spec, src.preprocess, ["CPUExecutionProvider"], cfg.threads)
-        ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=TorchLLMSession(src.llm, src.tokenizer),
+        ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=ref.llm,
                             image_embeds=ref.embed(sample_image), embed_image=vision_rt.embed, step=step,
                             quant=cfg.gguf_quant() if backend.name == "gguf" else "")
         try:
