@@ -198,6 +198,22 @@ def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, capsys):
     assert code == 3 and "llm.onnx: sha256 mismatch" in err
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: {**t, "file": "../tokenizer.json"}, "must be relative paths inside the bundle"),
+    (lambda t: {k: v for k, v in t.items() if k != "embed_tokens"}, "lacks 'file' or 'embed_tokens'"),
+])
+def test_onnx_manifest_tokenizer_entries_are_checked(export_backend, tmp_path, capsys, edit, message):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(export_backend("onnx", 4), b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["llm"]["tokenizer"] = edit(m["llm"]["tokenizer"])
+    (b / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", str(b), "--image", str(b / "x.png"), "--prompt", "hi"], capsys)
+    assert code == 3 and message in err
+
+
 # ---- bnb ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,llm", [(4, "llama"), (8, "llama"), (4, "phi")])
