@@ -10,6 +10,10 @@ import sys
 EPILOG = """examples:
   edge-vlm export --bits 4 -o nano-q4            # built-in model -> 4-bit bundle (backend auto: gguf)
   edge-vlm export --backend onnx --bits 4 -o nano-onnx4   # ONNX int4 decoder (any architecture)
+  edge-vlm export --family minigpt4 --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \
+      --ckpt pretrained_minigpt4_7b.pth --llm ./vicuna-7b --bits 4 -o minigpt4-7b-q4
+  edge-vlm export --recipe export/tinygpt-v-stage3.toml --bits 4 -o tinygpt-v-q4  # files named in the recipe
+  edge-vlm synth --family tinygpt-v -o synth/tinygpt-v   # full-size random weights in the upstream layout
   edge-vlm backends                              # what each LLM backend can do on this machine
   edge-vlm run nano-q4 --image shape.png --prompt "what color is the shape?"
   edge-vlm eval nano-q4 --limit 200              # easy-VQA accuracy of the bundle
@@ -78,6 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON when done")
+    from edge_vlm.families.minigpt import FAMILIES as UPSTREAM_FAMILIES
+
+    u = p.add_argument_group("upstream families (MiniGPT-4, MiniGPT-v2, TinyGPT-V) from their released files",
+                             "paths are relative to SOURCE when it is a folder, else to the current directory")
+    u.add_argument("--family", choices=["auto", *UPSTREAM_FAMILIES],
+                   help="auto: detect from --ckpt's keys and shapes (and say what was found)")
+    u.add_argument("--vit", help="EVA ViT-g weights (eva_vit_g.pth)")
+    u.add_argument("--qformer", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth; Q-Former families)")
+    u.add_argument("--ckpt", help="the family's training checkpoint (pretrained_minigpt4_7b.pth, TinyGPT-V_for_Stage3.pth, ...)")
+    u.add_argument("--llm", help="LLM folder in transformers format (vicuna-7b, Llama-2-7b-chat-hf, old-format phi-2)")
+    u.add_argument("--template", help="prompt template override: {prompt} for the question, <ImageHere> for the image")
+    u.add_argument("--stop", action="append", help="stop string override (repeat for several); matched on text")
+    u.add_argument("--lora-alpha", type=float, help="LoRA alpha of the checkpoint (default 16, as upstream)")
+    u.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name of a byte-level BPE tokenizer")
+    u.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="allow checkpoints that need full unpickling (can run code from the file; default: "
+                        "weights_only loading, which refuses them)")
+
+    p = sub.add_parser("synth", help="write an upstream family's files with seeded random weights (benchmarks, tests)",
+                       description="Write a model in its upstream layout (eva_vit_g.pth, blip2 Q-Former, training "
+                                   "checkpoint, HF LLM folder) with seeded random weights, plus an "
+                                   "edge-vlm-source.json: `edge-vlm export DIR` then exports it. Full size for speed "
+                                   "and memory measurements (shapes, not values, decide those); mini for tests.")
+    from edge_vlm.families.synth import SHAPES
+
+    p.add_argument("--family", required=True, choices=list(SHAPES), help="which model's shapes")
+    p.add_argument("--size", choices=["full", "mini"], default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", required=True, help="folder to write (must not exist, or be empty)")
 
     p = sub.add_parser("run", help="answer a question about an image with a bundle (streams tokens)")
     p.add_argument("bundle")
@@ -127,12 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(a):
+    from edge_vlm.errors import BadInput
     from edge_vlm.export.run import ExportConfig, run
     from edge_vlm.manifest import load_manifest
 
     from edge_vlm.export.run import load_recipe
 
+    from pathlib import Path
+
+    from edge_vlm.export.run import SOURCE_FIELDS
+
     fields = load_recipe(a.recipe) if a.recipe else {}
+    upstream = {k: fields.pop(k) for k in SOURCE_FIELDS if k in fields}
+    given = {"family": a.family, "template": a.template, "stop": a.stop, "lora_alpha": a.lora_alpha,
+             "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint,
+             **{k: str(Path(getattr(a, k)).resolve()) for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
+    upstream.update({k: v for k, v in given.items() if v is not None})
+    if upstream and "family" not in upstream:
+        raise BadInput(f"--{' --'.join(sorted(upstream))} need --family (or --family auto)")
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
              "group_size": a.group_size, "accuracy_level": a.accuracy_level, "int4_method": a.int4_method,
              "calibration": a.calibration,
@@ -140,7 +185,7 @@ def cmd_export(a):
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
     fields.update({k: v for k, v in flags.items() if v is not None})
-    out = run(ExportConfig(**fields, out=a.out, force=a.force, threads=a.threads, device=a.device),
+    out = run(ExportConfig(**fields, upstream=upstream, out=a.out, force=a.force, threads=a.threads, device=a.device),
               progress=not a.json)
     m = load_manifest(out)
     if a.json:
@@ -165,6 +210,23 @@ def _quant_line(q: dict) -> str:
     types = ", ".join(f"{k} {v:.0%}" for k, v in q.get("tensor_types", {}).items())
     extra = "".join(f", {k} {q[k]}" for k in ("group_size", "calibration") if q.get(k) is not None)
     return f"{q.get('requested')} ({q.get('bits_per_weight')} bits/weight: {types}{extra})"
+
+
+def cmd_synth(a):
+    import time
+    from pathlib import Path
+
+    from edge_vlm.errors import BadInput
+    from edge_vlm.families import synth
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"{out} exists and is not empty: pick a new folder")
+    t0 = time.perf_counter()
+    synth.write(a.family, out, a.size, a.seed, progress=lambda part: print(f"writing {part} ...", file=sys.stderr))
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: {a.family} ({a.size}, seed {a.seed}), {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s; "
+          f"export it with: edge-vlm export {out} --bits 4 -o BUNDLE")
 
 
 def cmd_backends(a):
@@ -259,7 +321,7 @@ def cmd_align(a):
     print(json.dumps(s, indent=2))
 
 
-COMMANDS = {"export": cmd_export, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+COMMANDS = {"export": cmd_export, "synth": cmd_synth, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
 
 
 def main(argv=None) -> int:

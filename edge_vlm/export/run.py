@@ -11,7 +11,9 @@ from edge_vlm.errors import BadInput
 
 @dataclass(frozen=True)
 class ExportConfig:
-    source: str | None = None  # built-in name or folder with edge-vlm-source.json (default: nano)
+    source: str | None = None  # built-in name, folder with edge-vlm-source.json (default: nano), or the folder
+    # that the upstream files below are relative to
+    upstream: dict = field(default_factory=dict)  # SOURCE_FIELDS: an upstream family's files and prompt overrides
     out: str = "bundle"
     backend: str = "auto"  # gguf | onnx | gptq | bnb | auto (see edge_vlm/backends.py)
     bits: int = 4
@@ -36,8 +38,11 @@ class ExportConfig:
         return BITS_TO_QUANT[self.bits]
 
 
+# how to load an upstream family (edge_vlm.families.minigpt.UpstreamSource); paths relative to the source folder
+SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "lora_alpha", "trust_checkpoint",
+                 "tokenizer_pre", "image_size", "image_tokens", "name")
 RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
-                 "calibration_data"}
+                 "calibration_data", "description", *SOURCE_FIELDS}
 
 
 def load_recipe(path: str) -> dict:
@@ -54,6 +59,7 @@ def load_recipe(path: str) -> dict:
     unknown = set(data) - RECIPE_FIELDS
     if unknown:
         raise BadInput(f"recipe {p} has unknown fields {sorted(unknown)}; known: {sorted(RECIPE_FIELDS)}")
+    data.pop("description", None)  # for people reading the recipe
     if "source" in data and not Path(str(data["source"])).is_absolute():
         from edge_vlm.families import BUILTIN
 
@@ -116,7 +122,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm.backends import exporter_module
     from edge_vlm.export.bundle import BundleWriter
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
-    from edge_vlm.families import load_source, resolve_source
+    from edge_vlm.families import describe_source, load_source
     from edge_vlm.manifest import Manifest, VisionSpec
     from edge_vlm.reference import ReferencePipeline
 
@@ -127,7 +133,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         from edge_vlm.export import llm_gguf
 
         llm_gguf.quant_ftype(cfg.gguf_quant())
-    resolve_source(cfg.source)
+    source_root, _ = describe_source(cfg.source, cfg.upstream)  # a missing source fails before any work
     bar = tqdm(total=len(COMMON_STAGES) + 1, desc="export", unit="stage", disable=not progress)
     begun = []
 
@@ -139,7 +145,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
 
     with BundleWriter(Path(cfg.out), cfg.force) as bw:
         step("load source")
-        src = load_source(cfg.source)
+        src = load_source(cfg.source, cfg.upstream)
         backend, why = pick_backend(cfg, src.llm_arch)
         tqdm.write(why, file=sys.stderr)
         exporter = exporter_module(backend)
@@ -175,7 +181,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         step("write manifest")
         manifest = Manifest(
             family=src.family,
-            source={**src.description, "path": str(resolve_source(cfg.source))},
+            source={**src.description, "path": str(source_root)},
             preprocess=src.preprocess,
             vision=spec,
             llm=llm_spec,

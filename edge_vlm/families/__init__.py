@@ -1,6 +1,8 @@
 """Family adapters: one module per family, each turning a source on disk into a `SourceModel`.
 
-FAMILIES maps the `family` field of a source description to the module that loads it.
+FAMILIES maps the `family` field of a source description to the module that loads it. A source
+is described by an `edge-vlm-source.json` in a folder (built-in models, `edge-vlm synth`
+output), by a recipe (export/*.toml) or by CLI flags (`--family --vit --qformer --ckpt --llm`).
 """
 from __future__ import annotations
 
@@ -10,10 +12,18 @@ from pathlib import Path
 
 from edge_vlm.errors import SourceError
 
+UPSTREAM = "edge_vlm.families.minigpt"
 FAMILIES = {
     # MiniGPT-4's recipe at nano scale: frozen EfficientNet-Lite0, trained MiniGPT-v2-style
     # concat-4 projection, frozen SmolLM2-135M-Instruct. The built-in default model.
     "nano": "edge_vlm.families.nano",
+    # the upstream families from their released files (families.md); the table is minigpt.FAMILIES
+    "minigpt4": UPSTREAM,
+    "minigpt4-llama2": UPSTREAM,
+    "minigpt-v2": UPSTREAM,
+    "tinygpt-v": UPSTREAM,
+    "tinygpt-v-stage4": UPSTREAM,
+    "auto": UPSTREAM,  # detected from the training checkpoint's keys and shapes
 }
 
 SOURCE_FILE = "edge-vlm-source.json"
@@ -35,14 +45,28 @@ def resolve_source(source: str | None) -> Path:
     return p
 
 
-def load_source(source: str | None = None):
-    """Load a source model (torch). Returns family module's `SourceModel`."""
+def describe_source(source: str | None = None, overrides: dict | None = None) -> tuple[Path, dict]:
+    """(root that relative paths start from, description). `overrides` (recipe fields, CLI flags,
+    paths already absolute) replace the description's fields; with a `family` and no `source`
+    they are the whole description."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "family" in overrides and (source is None or (Path(source).is_dir() and not (Path(source) / SOURCE_FILE).exists())):
+        return Path(source or Path.cwd()).resolve(), overrides  # a folder holding upstream files, or the cwd
     root = resolve_source(source)
     try:
         desc = json.loads((root / SOURCE_FILE).read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{root / SOURCE_FILE} is not valid JSON: {e}") from e
+    if overrides and desc.get("family") == "nano":
+        raise SourceError(f"--{' --'.join(sorted(overrides))} apply to the upstream families, not to {root} "
+                          "(family nano)")
+    return root, {**desc, **overrides}
+
+
+def load_source(source: str | None = None, overrides: dict | None = None):
+    """Load a source model (torch). Returns the family module's `SourceModel`."""
+    root, desc = describe_source(source, overrides)
     family = desc.get("family")
     if family not in FAMILIES:
-        raise SourceError(f"unknown family {family!r} in {root / SOURCE_FILE}; known: {', '.join(FAMILIES)}")
+        raise SourceError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[family]).load(root, desc)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vlm.errors import CheckpointMismatch, SourceError
+from edge_vlm.families.checkpoints import load_torch_file, model_state
 from edge_vlm.families.resources import package_dir, resolve_file
+from edge_vlm.families.source import SourceModel
 from edge_vlm.manifest import Preprocess, PromptSpec
 
 FEATURE_DIM = 1280  # EfficientNet-Lite head width (fixed by `fix_head_stem` for every width multiplier)
@@ -78,18 +80,6 @@ def vision_stack_class():
     return NanoVisionStack
 
 
-@dataclass
-class SourceModel:
-    family: str
-    description: dict
-    vision: object  # torch module: pixels -> embeddings
-    llm: object  # transformers causal LM
-    tokenizer: object
-    preprocess: Preprocess
-    prompt: PromptSpec
-    llm_arch: str
-
-
 def _load_strict(module, state: dict, what: str, ignore_prefixes=()):
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
@@ -148,7 +138,8 @@ def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
     n_embd = llm.config.hidden_size
     stack = vision_stack_class()(cfg, n_embd)
     enc_path = resolve_file(root, v["encoder_weights"], "vision.encoder_weights")
-    enc_state = _safe_torch_load(enc_path)
+    enc_state = model_state(load_torch_file(enc_path, "vision.encoder_weights"), enc_path,
+                            "vision.encoder_weights")
     _load_strict(stack.encoder, enc_state, f"encoder weights {enc_path}")
     if with_projection:
         from safetensors.torch import load_file
@@ -181,22 +172,3 @@ def gguf_weight_type(path: Path) -> str:
     for t in gguf.GGUFReader(str(path)).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
     return max(counts, key=counts.get)
-
-
-def _safe_torch_load(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SourceError(f"{path} needs unsafe unpickling (it holds more than tensors); edge-vlm loads "
-                          f"checkpoints with weights_only=True only: {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise SourceError(f"{path} is not a readable torch checkpoint (truncated?): {e}") from e
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj

