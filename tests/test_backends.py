@@ -21,10 +21,12 @@ QUESTION = "what color is the shape?"
 def agrees_on_another_prompt(bundle, reference, image):
     """Agreement with the reference on an image and prompt the export did not validate with, held to
     the floor the backend set for itself at export."""
-    from edge_vlm.export.llm_validate import teacher_forced_agreement
+    from edge_vlm.export.llm_validate import reference_trace, teacher_forced_agreement
 
     with Pipeline.load(bundle, CPU) as p:
-        r = teacher_forced_agreement(reference.llm, p.llm, p.manifest.prompt, QUESTION, reference.embed(image), 12)
+        emb = reference.embed(image)
+        trace = reference_trace(reference.llm, p.manifest.prompt, QUESTION, emb, 12)
+        r = teacher_forced_agreement(trace, p.llm, p.manifest.prompt, QUESTION, emb)
         floor = p.manifest.validation["llm"]["min_agreement"]
     assert all(r[k] >= v for k, v in floor.items()), (r, floor)
 
@@ -253,12 +255,14 @@ def test_phi_variant_through_auto_gets_onnx(tiny_phi_source, tmp_path, capsys):
 
 def test_outputs_differ_between_backends_only_by_quantization(export_backend, references, shape_image):
     """Same shared decode loop: at 8 bits onnx and bnb both stay close to the reference's logits."""
-    from edge_vlm.export.llm_validate import teacher_forced_agreement
+    from edge_vlm.export.llm_validate import reference_trace, teacher_forced_agreement
 
     ref = references["llama"]
     for backend in ("onnx", "bnb"):
         with Pipeline.load(export_backend(backend, 8), CPU) as p:
-            r = teacher_forced_agreement(ref.llm, p.llm, p.manifest.prompt, QUESTION, ref.embed(shape_image), n=12)
+            emb = ref.embed(shape_image)
+            trace = reference_trace(ref.llm, p.manifest.prompt, QUESTION, emb, 12)
+            r = teacher_forced_agreement(trace, p.llm, p.manifest.prompt, QUESTION, emb)
         assert r["top5_agreement"] == 1.0 and np.isfinite(r["logits_max_abs_diff"]), (backend, r)
 
 

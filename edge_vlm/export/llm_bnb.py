@@ -65,6 +65,6 @@ def export_llm(ctx):
              "compute_dtype": "float32" if cfg.bits == 4 else "float16/float32",
              "tensor_types": {kind: round(share, 4), "float32": round(1 - share, 4)},
              "bits_per_weight": round(8 * folder_bytes(out) / n, 3), "n_params": n}
-    spec = LLMSpec(backend="bnb", file=LLM_DIR, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
-                   n_ctx_train=src.llm.config.max_position_embeddings, quant=quant)
+    spec = LLMSpec(backend="bnb", file=LLM_DIR, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant)
     return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

@@ -63,11 +63,30 @@ def _vocab(tokenizer, n_vocab: int):
     return tokens, types
 
 
+def _spm_vocab(model_file: Path, n_vocab: int):
+    """LLaMA's SentencePiece vocabulary (Vicuna, Llama-2): pieces, scores (merge priority) and types read
+    from tokenizer.model itself, as llama.cpp's SPM tokenizer needs them."""
+    import gguf
+
+    try:
+        vocab = gguf.SentencePieceVocab(Path(model_file).parent)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise SourceError(f"cannot read the SentencePiece model {model_file}: {e} "
+                          "(pip install sentencepiece)") from e
+    rows = list(vocab.all_tokens())
+    if len(rows) > n_vocab:
+        raise SourceError(f"the tokenizer has {len(rows)} tokens but the LLM's embedding has {n_vocab} rows")
+    rows += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(rows), n_vocab)]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
 @dataclass(frozen=True)
 class LlamaGGUFWriter:
-    """Writes a transformers Llama-architecture causal LM as an F32 GGUF."""
+    """Writes a transformers Llama-architecture causal LM as an F32 GGUF. Tokenizers: byte-level BPE
+    (tokenizer_pre names llama.cpp's pre-tokenizer), or SentencePiece when `spm_model` is given."""
 
     tokenizer_pre: str = "smollm"
+    spm_model: Path | None = None  # the LLM folder's tokenizer.model (LLaMA, Vicuna, Llama-2)
 
     def write(self, llm, tokenizer, path: Path, name: str = "edge-vlm") -> None:
         import gguf
@@ -100,16 +119,24 @@ class LlamaGGUFWriter:
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         n_vocab = c.vocab_size
         w.add_vocab_size(n_vocab)
-        tokens, types = _vocab(tokenizer, n_vocab)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(self.tokenizer_pre)
+        if self.spm_model:
+            tokens, scores, types = _spm_vocab(self.spm_model, n_vocab)
+            w.add_tokenizer_model("llama")
+            w.add_tokenizer_pre("default")
+            w.add_token_scores(scores)
+            w.add_add_space_prefix(True)  # SentencePiece's dummy prefix: added when tokenizing, removed when decoding
+        else:
+            tokens, types = _vocab(tokenizer, n_vocab)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(self.tokenizer_pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         with tempfile.TemporaryDirectory() as tdir:
             tokenizer.save_pretrained(tdir)
-            special = gguf.SpecialVocab(tdir, load_merges=True, n_vocab=n_vocab)
-            if not special.merges:
-                raise SourceError("the tokenizer has no BPE merges: only byte-level BPE tokenizers are supported")
+            special = gguf.SpecialVocab(tdir, load_merges=not self.spm_model, n_vocab=n_vocab)
+            if not self.spm_model and not special.merges:
+                raise SourceError("the tokenizer has neither BPE merges nor a tokenizer.model (SentencePiece) in its "
+                                  "folder: this GGUF writer supports those two; try --backend onnx")
             special.add_to_gguf(w, quiet=True)
             if getattr(tokenizer, "chat_template", None) and not special.chat_template:
                 w.add_chat_template(tokenizer.chat_template)
@@ -177,7 +204,8 @@ def export_llm(ctx):
     quant = ctx.quant.upper()
     ctx.step("LLM -> GGUF")
     base = ctx.bw.path("llm-f32.tmp.gguf")
-    LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm")).write(
+    spm = src.description.get("spm_model")
+    LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm"), Path(spm) if spm else None).write(
         src.llm, src.tokenizer, base, name=src.description.get("name", "edge-vlm"))
     ctx.step("quantize LLM")
     llm_file = f"llm-{quant.lower()}.gguf"
@@ -187,8 +215,9 @@ def export_llm(ctx):
     ctx.step("validate LLM")
     test = LlamaCppSession(ctx.bw.path(llm_file), LlamaCppConfig(n_ctx=512, exact=True, n_threads=cfg.threads))
     floor = ("top1_agreement", MIN_AGREEMENT.get(quant, MIN_AGREEMENT_DEFAULT))
-    tokenizer_check, agreement = llm_validate.validate_llm(ctx, test, f"LLM {quant}", floor, "GGUF tokenizer")
-    spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
-                   n_ctx_train=src.llm.config.max_position_embeddings,
+    tokenizer_check, agreement = llm_validate.validate_llm(ctx, test, f"LLM {quant}", floor, "GGUF tokenizer",
+                                                           sentencepiece=bool(spm))
+    spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
+                   n_ctx_train=ctx.llm_config.max_position_embeddings,
                    quant={"requested": quant, "method": "llama.cpp", **mix})
     return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

@@ -200,6 +200,6 @@ def export_llm(ctx):
              "tensor_types": {f"int{settings.bits} (group {settings.group_size})": round(share, 4),
                               "bf16": round(1 - share, 4)},
              "bits_per_weight": round(8 * folder_bytes(out) / n, 3), "n_params": n}
-    spec = LLMSpec(backend="gptq", file=LLM_DIR, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
-                   n_ctx_train=src.llm.config.max_position_embeddings, quant=quant)
+    spec = LLMSpec(backend="gptq", file=LLM_DIR, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant)
     return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

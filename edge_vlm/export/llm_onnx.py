@@ -271,7 +271,8 @@ def export_llm(ctx):
     tok = tokenizer_spec(src.tokenizer, ctx.ref_llm, ctx.bw.path(""))
     bundle_tok = BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"],
                                  tok["clean_up_tokenization_spaces"])
-    table = src.llm.get_input_embeddings().weight.detach().float().numpy()
+    table = src.llm.get_input_embeddings().weight.detach().float().numpy().copy()
+    ctx.release_torch_llm()  # from here on the ONNX files are the model
     ctx.step("validate fp32 decoder")
     session = OnnxDecoderSession(fp32, table, bundle_tok, n_ctx=512, threads=cfg.threads)
     tokenizer_check, exact = llm_validate.validate_llm(ctx, session, "fp32 ONNX decoder", None, "tokenizer.json")
@@ -292,8 +293,8 @@ def export_llm(ctx):
                                           "symmetric": q.symmetric if q.bits == 8 or q.int4_method == "rtn" else None,
                                           "accuracy_level": q.accuracy_level}),
              "embed_tokens": "embed_tokens.npy (fp16)", **mix}
-    spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=src.llm.config.hidden_size,
-                   n_ctx_train=src.llm.config.max_position_embeddings, quant=quant,
+    spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant,
                    tokenizer={**tok, "embed_tokens": "embed_tokens.npy"})
     return spec, {"llm_fp32": {"prompt": ctx.validation_prompt, **exact},
                   "llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

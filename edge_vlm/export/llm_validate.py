@@ -5,6 +5,8 @@ themselves are written once here, over two `LLMSession`s.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from edge_vlm.errors import ExportValidationError
@@ -14,37 +16,65 @@ TOKENIZER_PROBES = ("Hello, world!", "  two  spaces\tand a tab\n", "3.14159 + 42
                     "It 's a dog , isn't it ? I 'm sure .")
 
 
-def check_tokenizer(ref, test, prompt, what: str = "bundle tokenizer") -> dict:
+def check_tokenizer(ref, test, prompt, what: str = "bundle tokenizer", sentencepiece: bool = False) -> dict:
     """The bundle's tokenizer must give the reference's ids for the template and tricky strings, and
-    decode those ids to the reference's text (stop strings are matched on that text)."""
+    decode those ids to the reference's text (stop strings are matched on that text).
+
+    `sentencepiece`: LLaMA vocabularies. There SentencePiece itself (what upstream tokenized with) and
+    llama.cpp put the dummy-prefix space before a fragment that already starts with whitespace, while
+    transformers' fast Llama tokenizer does not: probes starting with whitespace are skipped (the
+    template's own fragments are always checked, so a template that hits the difference still fails)."""
     before, after = prompt.render("what color is the shape?")
-    cases = (before, after) + TOKENIZER_PROBES
+    probes = tuple(p for p in TOKENIZER_PROBES if not (sentencepiece and p[:1].isspace()))
+    cases = (before, after) + probes
     bad = [c for c in cases if ref.tokenize(c, False) != test.tokenize(c, False)
            or ref.detokenize(ref.tokenize(c, False)) != test.detokenize(ref.tokenize(c, False))]
     if bad:
         raise ExportValidationError(what, {repr(c)[:40]: float("nan") for c in bad},
                                     "identical token ids (is tokenizer_pre right for this tokenizer?)")
-    return {"strings": len(cases), "identical_ids": True, "identical_text": True}
+    return {"strings": len(cases), "identical_ids": True, "identical_text": True,
+            **({"skipped_leading_space_probes": len(TOKENIZER_PROBES) - len(probes)} if sentencepiece else {})}
 
 
-def teacher_forced_agreement(ref, test, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> dict:
-    """Agreement of `test` with `ref` along `ref`'s own greedy continuation (EOS ignored): top-1 (same
-    argmax) and top-5 (`ref`'s argmax among `test`'s five best), plus the largest logit difference."""
+@dataclass
+class ReferenceTrace:
+    """The torch reference on the validation input, recorded once: its greedy continuation (EOS
+    ignored) and its logits at every step. Recording it lets a backend free the torch LLM before
+    loading its own copy (a 2.7B model does not fit twice in 24 GB)."""
+
+    tokens: list
+    logits: np.ndarray  # [n, n_vocab]
+
+
+def reference_trace(ref, prompt, user_text: str, image_embeds: np.ndarray, n: int = 16) -> ReferenceTrace:
     from edge_vlm.runtime.generate import GenerationStats, prefill
 
     prefill(ref, prompt, user_text, image_embeds, n, GenerationStats())
+    tokens, logits = [], []
+    for i in range(n):
+        logits.append(ref.logits().astype(np.float32))
+        tokens.append(int(np.argmax(logits[-1])))
+        if i + 1 < n:
+            ref.eval_tokens([tokens[-1]])
+    return ReferenceTrace(tokens, np.stack(logits))
+
+
+def teacher_forced_agreement(trace: ReferenceTrace, test, prompt, user_text: str, image_embeds: np.ndarray) -> dict:
+    """Agreement of `test` with the reference along the reference's own greedy continuation: top-1 (same
+    argmax) and top-5 (the reference's argmax among `test`'s five best), plus the largest logit difference."""
+    from edge_vlm.runtime.generate import GenerationStats, prefill
+
+    n = len(trace.tokens)
     prefill(test, prompt, user_text, image_embeds, n, GenerationStats())
     agree, top5, first_diff, max_diff = 0, 0, None, 0.0
-    for i in range(n):
-        lr, lt = ref.logits(), test.logits()
+    for i, tok in enumerate(trace.tokens):
+        lr, lt = trace.logits[i], test.logits()
         d = float(np.max(np.abs(lr - lt)))
         first_diff = d if first_diff is None else first_diff
         max_diff = max(max_diff, d)
-        tok = int(np.argmax(lr))
         agree += int(tok == int(np.argmax(lt)))
         top5 += int(tok in np.argpartition(-lt, 5)[:5])
         if i + 1 < n:
-            ref.eval_tokens([tok])
             test.eval_tokens([tok])
     return {"tokens": n, "top1_agreement": agree / n, "top5_agreement": top5 / n, "first_logits_max_abs_diff": first_diff,
             "logits_max_abs_diff": max_diff}
@@ -73,13 +103,15 @@ def check_logits(what: str, result: dict, atol: float) -> None:
                                     f"atol {atol} with identical greedy tokens")
 
 
-def validate_llm(ctx, session, what: str, floor: tuple[str, float] | None, tokenizer: str | None = None):
+def validate_llm(ctx, session, what: str, floor: tuple[str, float] | None, tokenizer: str | None = None,
+                 sentencepiece: bool = False):
     """Run a backend's session against the torch reference on the export's real image, close it,
     and enforce `floor` = (metric, value). Returns (tokenizer check or None, agreement)."""
     try:
-        tok = check_tokenizer(ctx.ref_llm, session, ctx.src.prompt, tokenizer) if tokenizer else None
-        agreement = teacher_forced_agreement(ctx.ref_llm, session, ctx.src.prompt, ctx.validation_prompt,
-                                             ctx.image_embeds, ctx.cfg.n_validate_tokens)
+        tok = (check_tokenizer(ctx.ref_llm, session, ctx.src.prompt, tokenizer, sentencepiece) if tokenizer
+               else None)
+        agreement = teacher_forced_agreement(ctx.reference_trace(), session, ctx.src.prompt, ctx.validation_prompt,
+                                             ctx.image_embeds)
     finally:
         session.close()
     if floor:

@@ -99,9 +99,50 @@ class ExportContext:
     image_embeds: object  # np.ndarray [n_image_tokens, n_embd] from the torch vision stack
     embed_image: Callable  # image path -> np.ndarray embeddings from the exported vision ONNX
     step: Callable[[str], None]  # announce the next stage (progress bar)
+    llm_config: object = None  # the torch LLM's config (kept when the LLM itself is released)
     quant: str = ""  # gguf: the llama.cpp type
     validation_prompt: str = VALIDATION_PROMPT
     notes: list = field(default_factory=list)
+    _trace: object = None
+
+    def reference_trace(self):
+        """The torch reference's greedy steps and logits on the validation input (recorded once)."""
+        if self._trace is None:
+            from edge_vlm.export.llm_validate import reference_trace
+
+            self._trace = reference_trace(self.ref_llm, self.src.prompt, self.validation_prompt, self.image_embeds,
+                                          self.cfg.n_validate_tokens)
+        return self._trace
+
+    def release_torch_llm(self) -> None:
+        """Record the reference trace, then drop the torch LLM's weights (backends that no longer need
+        them, before loading their own copy: peak memory is one model, not two)."""
+        import gc
+
+        self.reference_trace()
+        self.src.llm = None
+        self.ref_llm.model = self.ref_llm.embed = None
+        gc.collect()
+
+
+class LazyVision:
+    """The exported vision ONNX, opened only when a backend asks for embeddings (gptq calibration):
+    a 4 GB EVA ViT-g session is not kept resident through the LLM export."""
+
+    def __init__(self, path: Path, spec, pre, threads: int):
+        self.args, self.model = (path, spec, pre, ["CPUExecutionProvider"], threads), None
+
+    def embed(self, image):
+        if self.model is None:
+            from edge_vlm.runtime.vision import VisionModel
+
+            self.model = VisionModel(*self.args)
+        return self.model.embed(image)
+
+    def close(self):
+        if self.model is not None:
+            self.model.close()
+            self.model = None
 
 
 def pick_backend(cfg: ExportConfig, arch: str | None):
@@ -116,6 +157,8 @@ def pick_backend(cfg: ExportConfig, arch: str | None):
 
 
 def run(cfg: ExportConfig, progress: bool = True) -> Path:
+    import gc
+
     from tqdm import tqdm
 
     from edge_vlm import __version__
@@ -160,13 +203,14 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         sample_image = _sample_image()
         vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size,
                                    ref.pixels(sample_image))
-        from edge_vlm.runtime.vision import VisionModel
-
         spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
                           n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size)
-        vision_rt = VisionModel(bw.path(vision_file), spec, src.preprocess, ["CPUExecutionProvider"], cfg.threads)
-        ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=ref.llm,
-                            image_embeds=ref.embed(sample_image), embed_image=vision_rt.embed, step=step,
+        vision_rt = LazyVision(bw.path(vision_file), spec, src.preprocess, cfg.threads)
+        image_embeds = ref.embed(sample_image)
+        src.vision = None  # exported and validated: its torch weights are not needed any more
+        gc.collect()
+        ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=ref.llm, image_embeds=image_embeds,
+                            embed_image=vision_rt.embed, step=step, llm_config=src.llm.config,
                             quant=cfg.gguf_quant() if backend.name == "gguf" else "")
         try:
             llm_spec, llm_validation = exporter.export_llm(ctx)

@@ -151,8 +151,9 @@ def vision_stack_class():
     return UpstreamVisionStack
 
 
-def detect(ckpt_state: dict) -> tuple[str, str]:
-    """(family, why) from a training checkpoint's keys and shapes."""
+def detect(ckpt_state: dict, vit_width: int = 1408, qformer_width: int = 768) -> tuple[str, str]:
+    """(family, why) from a training checkpoint's keys and shapes: llama_proj2 is TinyGPT-V's; llama_proj
+    reads the Q-Former's width (MiniGPT-4 Vicuna) or 4 ViT tokens (Llama-2 / v2, LoRA telling them apart)."""
     keys = set(ckpt_state)
     has_lora = any(".lora_A." in k for k in keys)
     if "llama_proj2.weight" in keys:
@@ -168,9 +169,12 @@ def detect(ckpt_state: dict) -> tuple[str, str]:
     size = {4096: "7B", 5120: "13B"}.get(out_f, f"hidden {out_f}")
     if has_lora:
         return "minigpt-v2", f"llama_proj [{out_f}, {in_f}] + LoRA on the LLM: MiniGPT-v2 ({size})"
-    if in_f % 4 == 0 and in_f // 4 > 768 or in_f == 5632:
+    if in_f == 4 * vit_width:
         return "minigpt4-llama2", f"llama_proj [{out_f}, {in_f}] (4 x ViT width, no LoRA): MiniGPT-4 Llama-2 ({size})"
-    return "minigpt4", f"llama_proj [{out_f}, {in_f}] (Q-Former width): MiniGPT-4 Vicuna ({size})"
+    if in_f == qformer_width:
+        return "minigpt4", f"llama_proj [{out_f}, {in_f}] (Q-Former width): MiniGPT-4 Vicuna ({size})"
+    raise SourceError(f"cannot detect the family: llama_proj reads {in_f} features, neither the Q-Former's "
+                      f"{qformer_width} nor 4 x the ViT's {vit_width}; pass --family")
 
 
 def load(root: Path, desc: dict) -> SourceModel:
@@ -188,7 +192,7 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
     ckpt_state = ck.model_state(ck.load_torch_file(ckpt_path, "--ckpt", src.trust_checkpoint), ckpt_path, "--ckpt")
     detected = None
     if src.family == "auto":
-        family, why = detect(ckpt_state)
+        family, why = detect(ckpt_state, src.vit_dims.width, src.qformer_dims.hidden)
         log(f"family: {family} ({why})")
         detected = why
         src = replace(src, family=family)
@@ -248,11 +252,14 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
                               "wrong recipe for this family?")
     prompt = PromptSpec(template=src.template or spec.prompt.template, image_marker=spec.prompt.image_marker,
                         add_bos=spec.prompt.add_bos, stop=list(src.stop if src.stop is not None else spec.prompt.stop))
-    prompt.render("x")  # a template override without the image marker fails here
+    if prompt.image_marker not in prompt.template:
+        raise SourceError(f"the prompt template {prompt.template!r} has no {prompt.image_marker} marker for the image")
     pre = Preprocess(image_size=spec.image_size, mean=list(eq.CLIP_MEAN), std=list(eq.CLIP_STD), resize="bicubic")
     description = {
         "name": src.name or f"{src.family}-{Path(src.ckpt).stem}", "description": spec.title,
         "image_tokens": n_tokens, "tokenizer_pre": src.tokenizer_pre, "llm_source_quant": None,
+        # LLaMA's SentencePiece model, when the LLM folder has one (the gguf backend writes it as is)
+        **({"spm_model": str(Path(src.llm) / "tokenizer.model")} if (Path(src.llm) / "tokenizer.model").is_file() else {}),
         "files": {f: getattr(src, f) for f in FILE_FIELDS if getattr(src, f)},
         "prompt_source": spec.prompt_source if src.template is None else "user override",
         "default_backend": spec.default_backend, "keys": report,

@@ -53,9 +53,9 @@ PHI_2 = LLMDims(2560, 32, 32, 10240, 51200)
 SHAPES = {
     "minigpt4-7b": SynthShape("minigpt4", "pretrained_minigpt4_7b.pth", "vicuna-7b", VICUNA_7B),
     "minigpt4-13b": SynthShape("minigpt4", "pretrained_minigpt4.pth", "vicuna-13b", VICUNA_13B),
-    "minigpt4-llama2": SynthShape("minigpt4-llama2", "pretrained_minigpt4_llama2_7b.pth", "llama-2-7b-chat",
+    "minigpt4-llama2": SynthShape("minigpt4-llama2", "pretrained_minigpt4_llama2_7b.pth", "Llama-2-7b-chat-hf",
                                   VICUNA_7B),
-    "minigpt-v2": SynthShape("minigpt-v2", "minigptv2_checkpoint.pth", "llama-2-7b-chat", VICUNA_7B),
+    "minigpt-v2": SynthShape("minigpt-v2", "minigptv2_checkpoint.pth", "Llama-2-7b-chat-hf", VICUNA_7B),
     "tinygpt-v": SynthShape("tinygpt-v", "TinyGPT-V_for_Stage3.pth", "phi-2", PHI_2),
     "tinygpt-v-stage4": SynthShape("tinygpt-v-stage4", "TinyGPT-V_for_Stage4.pth", "phi-2", PHI_2),
 }

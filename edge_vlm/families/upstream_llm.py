@@ -26,9 +26,10 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as e:
         raise SourceError(f"cannot load the tokenizer from {folder}: {str(e)[:300]}") from e
+    return tok
 
 
 def load_llama(folder: Path):

@@ -179,7 +179,17 @@ class LlamaCppSession:
         return self._piece_buf.raw[:n]
 
     def detokenize(self, ids: list[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+        """llama.cpp's own detokenizer: special tokens rendered, and SentencePiece's dummy-prefix space
+        removed from the first token (as transformers decodes)."""
+        arr = (ctypes.c_int32 * len(ids))(*ids)
+        size = max(64, 8 * len(ids))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self.L.llama_detokenize(self.vocab, arr, len(ids), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+        raise RuntimeError("llama_detokenize failed")
 
     # --- resources ----------------------------------------------------------------------------
     def close(self) -> None:
