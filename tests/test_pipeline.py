@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edge_vlm.export.llm_validate import teacher_forced_agreement
+from edge_vlm.export.llm_validate import reference_trace, teacher_forced_agreement
 from edge_vlm.manifest import load_manifest
 from edge_vlm.reference import ReferencePipeline
 from edge_vlm.runtime.generate import GenerationStats
@@ -58,7 +58,9 @@ def test_q8_0_agrees_with_reference(export_tiny, reference, shape_image):
     assert m.llm.quant["requested"] == "Q8_0" and "Q8_0" in m.llm.quant["tensor_types"]
     s = LlamaCppSession(b / m.llm.file, LlamaCppConfig(n_ctx=512, exact=True))
     try:
-        r = teacher_forced_agreement(reference.llm, s, m.prompt, QUESTION, reference.embed(shape_image), n=24)
+        emb = reference.embed(shape_image)
+        r = teacher_forced_agreement(reference_trace(reference.llm, m.prompt, QUESTION, emb, 24), s, m.prompt,
+                                     QUESTION, emb)
     finally:
         s.close()
     assert r["top1_agreement"] >= 0.9, r
