@@ -7,7 +7,6 @@ how MiniGPT-v2 users with the wrong peft version silently got garbage (families.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import sys
@@ -76,25 +75,6 @@ def model_state(ckpt: dict, path: Path, what: str) -> dict:
         raise SourceError(f"{what}: {path} is neither a state dict nor a checkpoint with a 'model' entry "
                           f"(top-level keys: {', '.join(map(str, list(ckpt)[:8]))})")
     return ckpt
-
-
-def hf_folder_weights(folder: Path, what: str, trust: bool = False) -> dict:
-    """All weights of an HF model folder: one or sharded safetensors, else pytorch_model*.bin."""
-    folder = Path(folder)
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (folder / index).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise SourceError(f"{what}: {folder / index} is not a valid shard index ({e})") from e
-            state = {}
-            for s in shards:
-                state.update(load_weights_file(folder / s, what, trust))
-            return state
-        if (folder / single).is_file():
-            return load_weights_file(folder / single, what, trust)
-    raise SourceError(f"{what}: {folder} holds no model.safetensors or pytorch_model.bin (with or without shards)")
 
 
 @dataclass(frozen=True)

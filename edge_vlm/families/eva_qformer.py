@@ -113,11 +113,6 @@ BLIP2_IGNORED = {
 }
 
 
-def vit_ignored(dims: VitDims) -> dict:
-    """Blocks past `depth` (EVA-CLIP has 40, BLIP-2 runs 39) are in the file but not in the model."""
-    return {rf"blocks\.(\d+)\..*": f"ViT blocks beyond depth {dims.depth} (MiniGPT-4 drops the last block)"}
-
-
 def vision_model(dims: VitDims, image_size: int, ln_vision_eps: float):
     """An empty Blip2VisionModel shaped like EVA ViT-g; post_layernorm plays `ln_vision`."""
     from transformers import Blip2VisionConfig, Blip2VisionModel
