@@ -19,6 +19,8 @@ EPILOG = """examples:
   edge-vlm eval nano-q4 --limit 200              # easy-VQA accuracy of the bundle
   edge-vlm eval nano --limit 200                 # ... and of the unquantized torch reference
   edge-vlm inspect nano-q4                       # manifest + sha256 of every file
+  edge-vlm bench nano-q4 nano-q8 --reference nano --dataset easy-vqa   # latency, memory, fidelity, accuracy
+  edge-vlm plan minigpt4-7b --device rtx-4060    # will it fit? component by component
 
 exit codes: 0 ok, 2 bad input, 3 bad bundle, 4 bad source, 5 export failed, 6 device unavailable"""
 
@@ -143,6 +145,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for question order")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="also write the full result (with every answer) to this JSON file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="measure bundles side by side: latency, memory, fidelity, accuracy",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Measure what bundles gain (latency, peak memory) and lose (fidelity to the "
+                                   "unquantized reference, task accuracy), side by side in one run. Each target "
+                                   "runs in its own fresh process (so its peak RSS is its own); timed runs are "
+                                   "interleaved A B A B after a warm-up and reported as medians with min/max.",
+                       epilog="""figures:
+  vision_ms       preprocess + vision model, one image (preprocess also on its own)
+  ttft_ms         request in -> first generated token (image + prompt prefill included)
+  prefill_tok_s   prompt tokens (text + image) / prefill time
+  decode_tok_s    tokens after the first / their time (greedy, EOS ignored, --max-new-tokens)
+  e2e_ms          image + prompt -> all new tokens
+  peak_rss_mb     the target's process, loading included; peak VRAM on CUDA (NVML, torch)
+  decode / limit  decode_tok_s / (measured memory bandwidth / LLM weight bytes)
+  fidelity        with --reference: greedy token agreement, mean KL (teacher-forced on the
+                  reference's tokens), vision-embedding cosine (mean, min)
+  accuracy        with --dataset: exact match, every target on the same questions
+  planner         `edge-vlm plan`'s predicted peak RSS vs measured, in percent
+
+examples:
+  edge-vlm bench bundles/nano-q4 bundles/nano-q8 --reference nano --dataset easy-vqa --limit 200
+  edge-vlm bench /synth/tinygpt-v-bnb4 --reference /synth/tinygpt-v --runs 3 --name tinygpt-v
+outputs: OUT_DIR/NAME.json (every raw run, medians, machine, versions), NAME.md, NAME.png""")
+    p.add_argument("bundles", nargs="*", help="bundle folders (measured in this order)")
+    p.add_argument("--reference", help="source (built-in name or folder) run by the fp32 torch reference: measured "
+                                       "first; the baseline for ratios, fidelity and accuracy")
+    p.add_argument("--label", action="append", help="display name per bundle, in order (default: folder names)")
+    p.add_argument("--dataset", help="task accuracy on easy-vqa or a folder in its format (questions.json + images/)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=100, help="questions for --dataset (default 100)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per target (default 5), after --warmup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per timed run (default 32)")
+    p.add_argument("--prompt", default=None, help="prompt of the timed runs")
+    p.add_argument("--image", help="image of the timed runs (default: a fixed easy-VQA test image)")
+    p.add_argument("--fidelity-cases", type=int, default=4, help="inputs for fidelity (default 4; needs --reference)")
+    p.add_argument("--fidelity-tokens", type=int, default=32)
+    p.add_argument("--mode", choices=["auto", "interleaved", "sequential"], default="auto",
+                   help="auto (default): interleaved when the planner says every target fits in RAM at once")
+    p.add_argument("--name", default="bench", help="results file name (default bench)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    _add_runtime_flags(p)
+    p.set_defaults(device="cpu")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+
+    p = sub.add_parser("plan", help="predict peak memory and whether a model fits a device",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Predict the peak memory of running a model, component by component (runtime, "
+                                   "vision weights and activations, LLM weights, KV cache incl. image tokens, "
+                                   "compute buffers, load transient, CUDA context), say whether it fits the device "
+                                   "and with how much room, and what to choose if it does not.",
+                       epilog="""MODEL is a bundle folder (exact file sizes), a source (built-in name or folder
+with edge-vlm-source.json; no weights are read) or a full-size family shape:
+minigpt4-7b, minigpt4-13b, minigpt4-llama2, minigpt-v2, tinygpt-v, tinygpt-v-stage4.
+
+examples:
+  edge-vlm plan minigpt4-7b --device rtx-4060              # 4/8/16-bit on an 8 GB GPU
+  edge-vlm plan bundles/nano-q4 --device cpu:8 --context 4096 --images 2
+  edge-vlm plan tinygpt-v --device jetson-orin-nano-8gb --bits 8 --json
+  edge-vlm plan --devices                                  # the device table and its sources""")
+    p.add_argument("model", nargs="?", help="bundle, source or family shape name")
+    p.add_argument("--device", default=None, help="device name from --devices, or cpu:N (N GB RAM)")
+    p.add_argument("--context", type=int, default=2048, help="n_ctx the model runs with (default 2048)")
+    p.add_argument("--images", type=int, default=1, help="images in the context (default 1)")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], help="only this many bits (sources and shapes)")
+    p.add_argument("--backend", default=None, help="only this backend (default: what auto picks per bits)")
+    p.add_argument("--vision-precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--reserve", type=float, default=None, help="GB the model cannot use (default: the device's)")
+    p.add_argument("--devices", action="store_true", help="list the device table and exit")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("align", help="train the built-in model's projection (MiniGPT-4 stage 1 on easy-VQA)")
@@ -321,7 +394,42 @@ def cmd_align(a):
     print(json.dumps(s, indent=2))
 
 
-COMMANDS = {"export": cmd_export, "synth": cmd_synth, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+def cmd_bench(a):
+    from pathlib import Path
+
+    from edge_vlm.bench.config import DEFAULT_PROMPT, BenchConfig
+    from edge_vlm.bench.run import run, write
+
+    cfg = BenchConfig(bundles=tuple(a.bundles), reference=a.reference, dataset=a.dataset, split=a.split,
+                      limit=a.limit, runs=a.runs, warmup=a.warmup, max_new_tokens=a.max_new_tokens,
+                      prompt=a.prompt or DEFAULT_PROMPT, image=a.image, fidelity_cases=a.fidelity_cases,
+                      fidelity_tokens=a.fidelity_tokens, mode=a.mode, device=a.device, threads=a.threads,
+                      n_ctx=a.n_ctx, name=a.name, out_dir=a.out_dir, labels=tuple(a.label or ()))
+    res = run(cfg, progress=not a.json)
+    paths = write(res, Path(a.out_dir))
+    if a.json:
+        print(json.dumps({"results": paths, "mode": res["mode"], "targets": [
+            {k: t.get(k) for k in ("label", "latency", "memory", "fidelity", "planner", "bandwidth_limit", "speedup")}
+            | {"accuracy": {k: v for k, v in (t.get("accuracy") or {}).items() if k != "answers"}}
+            for t in res["targets"]]}, indent=2, default=float))
+    else:
+        from edge_vlm.bench.report import markdown
+
+        print(markdown(res))
+        print(f"mode: {res['mode']} ({res['mode_reason']}); written: {', '.join(paths.values())}")
+
+
+def cmd_plan(a):
+    from edge_vlm.errors import BadInput
+    from edge_vlm.plan.cli import plan_command
+
+    if not a.devices and not (a.model and a.device):
+        raise BadInput("give MODEL and --device (or --devices for the device table); see edge-vlm plan --help")
+    out, text = plan_command(a)
+    print(json.dumps(out, indent=2) if a.json else text)
+
+
+COMMANDS = {"bench": cmd_bench, "plan": cmd_plan, "export": cmd_export, "synth": cmd_synth, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
 
 
 def main(argv=None) -> int:

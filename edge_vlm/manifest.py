@@ -37,6 +37,7 @@ class VisionSpec:
     n_image_tokens: int
     n_embd: int
     precision: str = "fp32"
+    shape: dict = field(default_factory=dict)  # params, seq, width, mlp, heads: what `edge-vlm plan` needs
 
 
 @dataclass
@@ -48,6 +49,7 @@ class LLMSpec:
     n_ctx_train: int
     quant: dict = field(default_factory=dict)  # bits, method, group size, calibration, real type mix, bits/weight
     tokenizer: dict = field(default_factory=dict)  # backends without their own tokenizer: file, bos/eog ids
+    shape: dict = field(default_factory=dict)  # hidden, layers, heads, kv_heads, ff, vocab, tied (plan's KV cache)
 
 
 @dataclass

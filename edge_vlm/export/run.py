@@ -203,8 +203,12 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         sample_image = _sample_image()
         vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size,
                                    ref.pixels(sample_image))
+        from edge_vlm.plan.shapes import source_shapes
+
+        vision_shape, llm_shape = source_shapes(src)
         spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
-                          n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size)
+                          n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size,
+                          shape=vision_shape)
         vision_rt = LazyVision(bw.path(vision_file), spec, src.preprocess, cfg.threads)
         image_embeds = ref.embed(sample_image)
         src.vision = None  # exported and validated: its torch weights are not needed any more
@@ -222,6 +226,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
                 ctx.notes.append(note)
         for note in ctx.notes:
             tqdm.write(note, file=sys.stderr)
+        llm_spec.shape = llm_shape
         step("write manifest")
         manifest = Manifest(
             family=src.family,

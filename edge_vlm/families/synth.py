@@ -283,5 +283,6 @@ def write(name: str, out: Path, size: str = "full", seed: int = 0, tokenizer=Non
         desc["vit_dims"] = asdict(s.vit)
         desc["qformer_dims"] = asdict(s.qformer)
     desc["synth"]["llm_vocab"] = info["vocab"]
+    desc["synth"]["proj_mid"] = s.proj_mid
     (out / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2) + "\n")
     return out

@@ -1,0 +1,73 @@
+"""Does a configuration fit a device, with how much room, and what to choose when it does not."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from edge_vlm.plan.devices import Device
+from edge_vlm.plan.memory import MB, Component, RunChoice, components, total
+from edge_vlm.plan.shapes import ModelShape
+
+CONTEXTS = (4096, 2048, 1024, 512)
+
+
+@dataclass
+class Fit:
+    choice: RunChoice
+    components: list[Component]
+    needed: int  # bytes counted against the device's usable memory
+    usable: int
+    host_only: int  # gpu devices: what stays in host RAM (not counted against VRAM)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.usable
+
+    @property
+    def room(self) -> int:
+        return self.usable - self.needed
+
+    def to_dict(self) -> dict:
+        return {"choice": self.choice.__dict__, "needed_mb": round(self.needed / MB), "usable_mb": round(self.usable / MB),
+                "room_mb": round(self.room / MB), "fits": self.fits, "host_ram_mb": round(self.host_only / MB),
+                "components": [{"name": x.name, "mb": round(x.bytes / MB, 1), "on_device": x.on_device,
+                                "note": x.note} for x in self.components]}
+
+
+def fit(shape: ModelShape, device: Device, c: RunChoice) -> Fit:
+    c = replace(c, on_gpu=device.kind in ("gpu", "unified"))
+    comps = components(shape, c)
+    if device.kind == "gpu":  # discrete VRAM: the model's tensors; Python and libraries stay in host RAM
+        return Fit(c, comps, total(comps, "device"), device.usable_bytes, total(comps, "host"))
+    return Fit(c, comps, total(comps), device.usable_bytes, 0)  # unified (Jetson) and CPU: one pool
+
+
+def candidates(shape: ModelShape, backends: dict[int, str], n_ctx: int, images: int,
+               vision_precisions=("fp32",)) -> list[RunChoice]:
+    """Most faithful first: more bits, full vision precision, the requested context, then smaller ones."""
+    min_ctx = shape.vision.image_tokens * images + 256
+    ctxs = [n_ctx] + [x for x in CONTEXTS if x < n_ctx and x >= min_ctx]
+    return [RunChoice(backends[b], b, vp, ctx, images) for b in sorted(backends, reverse=True)
+            for vp in vision_precisions for ctx in ctxs]
+
+
+def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[RunChoice]) -> str:
+    if requested.fits:
+        return (f"fits: needs {requested.needed / 1e9:.2f} GB of {requested.usable / 1e9:.2f} GB usable on "
+                f"{device.title}, {requested.room / 1e9:.2f} GB to spare")
+    for c in options:
+        f = fit(shape, device, c)
+        if f.fits:
+            changes = []
+            if (c.backend, c.bits) != (requested.choice.backend, requested.choice.bits):
+                changes.append(f"--backend {c.backend} --bits {c.bits}")
+            if c.n_ctx != requested.choice.n_ctx:
+                changes.append(f"--n-ctx {c.n_ctx}")
+            if c.vision_precision != requested.choice.vision_precision:
+                changes.append(f"a {c.vision_precision} vision model")
+            return (f"does not fit: needs {requested.needed / 1e9:.2f} GB, {device.title} has "
+                    f"{requested.usable / 1e9:.2f} GB usable. Choose {' and '.join(changes)}: "
+                    f"{f.needed / 1e9:.2f} GB, {f.room / 1e9:.2f} GB to spare")
+    smallest = min((fit(shape, device, c) for c in options), key=lambda f: f.needed, default=requested)
+    return (f"does not fit: needs {requested.needed / 1e9:.2f} GB, {device.title} has {requested.usable / 1e9:.2f} GB "
+            f"usable, and even {smallest.choice.label()} needs {smallest.needed / 1e9:.2f} GB: choose a device "
+            f"with more memory")

@@ -1,0 +1,145 @@
+"""The memory model: peak memory of running a model, component by component.
+
+    runtime        Python + the libraries a backend loads (measured here, see RUNTIME_MB)
+    vision         vision.onnx's weights as onnxruntime holds them, + activations for one image
+    llm weights    the quantized LLM: exact file bytes for a bundle, parameters x bits/weight for a source
+    kv cache       2 x layers x tokens x kv width x bytes; tokens include every image's tokens
+    compute        activation/scratch buffers of the LLM runtime for one prefill batch
+    load           what loading costs on top for a moment (files read through before they are freed)
+    cuda context   GPU devices only (assumed, not measured: this machine has no GPU)
+
+Constants carry their source. `edge-vlm bench` compares the total with each bundle's measured
+peak RSS on this machine and reports the error (benchmarks/results/*.json, README).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edge_vlm.plan.shapes import ModelShape
+
+MB = 2**20
+
+# What a loaded runtime holds besides the model's tensors: Python and the libraries (import
+# alone: 63 MB gguf/onnx, 271 MB torch + transformers, 388 MB + bitsandbytes, 568 MB + gptqmodel),
+# plus sessions, tokenizer, thread pools and allocator caches. Calibrated on the built-in model's
+# bundles on this machine (2-core Xeon): measured peak RSS minus the weights, KV and buffers the
+# model below predicts, per backend (`edge-vlm bench bundles/nano-* --reference nano`; the raw
+# figures are in benchmarks/results/nano-backends.json). Full-size models check it out of sample.
+RUNTIME_MB = {"gguf": 165, "onnx": 275, "torch": 637, "bnb": 580, "gptq": 820}
+
+# Bits per weight of the decoder blocks' matrices as each backend stores them.
+BLOCK_BITS = {
+    ("gguf", 4): 4.85,  # Q4_K_M: Q4_K (4.5 bpw) everywhere, Q6_K (6.56) for attn_v/ffn_down in ~half the layers
+    ("gguf", 8): 8.5,  # Q8_0: 32 int8 + one fp16 scale per block of 32
+    ("gguf", 16): 16.0,  # F16
+    ("onnx", 4): 6.0,  # MatMulNBits block 32: 4 bits + fp32 scale + fp32 zero point (hqq) per block
+    ("onnx", 8): 9.25,  # 8 bits + fp32 scale + 8-bit zero point per block of 32
+    ("onnx", 16): 16.0,
+    ("gptq", 4): 4.16,  # 4 bits + fp16 scale + 4-bit zero per group of 128
+    ("gptq", 8): 8.16,
+    ("bnb", 4): 4.13,  # nf4: 4 bits + double-quantized absmax (0.127 bpw)
+    ("bnb", 8): 8.0,  # LLM.int8: int8 + one fp32 scale per row
+    ("torch", 32): 32.0,  # the fp32 reference
+}
+# Bits per weight of the token embeddings / untied output head, resident in memory. onnx keeps
+# the embeddings in a memory-mapped .npy (only the rows used are read) and the head in the graph
+# at block precision; gptq keeps them fp16; edge-vlm's bnb checkpoints keep them fp32.
+EMBED_BITS = {"gguf": None, "onnx": 0.0, "gptq": 16.0, "bnb": 32.0, "torch": 32.0}  # None: as the blocks
+HEAD_BITS = {"gguf": None, "onnx": None, "gptq": 16.0, "bnb": 32.0, "torch": 32.0}
+KV_BYTES = {"gguf": 2, "onnx": 4, "gptq": 2, "bnb": 4, "torch": 4}  # f16 in llama.cpp; fp32/bf16 in torch
+KV_COPIES = {"onnx": 2}  # onnxruntime holds past and present caches during a step
+LLAMA_UBATCH = 512  # edge-vlm's n_batch = n_ubatch
+TEXT_TOKENS = 64  # template + question, a typical prompt without the image
+CUDA_CONTEXT_MB = 300  # CUDA context + cuBLAS workspace per process (typical; not measured here)
+# Loading holds a file's bytes twice for a moment: onnxruntime reads the protobuf (and external
+# data) before building its tensors; transformers/torch.load read a shard before converting it.
+# Fractions of the weights, calibrated against measured peaks (bench results, README).
+LOAD_EXTRA = {"vision": 0.0, "gguf": 0.0, "onnx": 0.0, "gptq": 0.0, "bnb": 0.0, "torch": 0.0}
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    backend: str  # gguf | onnx | gptq | bnb | torch (the fp32 reference)
+    bits: int
+    vision_precision: str = "fp32"
+    n_ctx: int = 2048
+    images: int = 1
+    tokens: int | None = None  # tokens actually used; None = the whole context (onnx/torch caches grow)
+    on_gpu: bool = False
+    # False: what must be allocated for a full context (the planner's question). True: what is
+    # resident after a run that used `tokens` tokens (what peak RSS measures: llama.cpp's
+    # preallocated KV cache and graph buffers count only where they were touched).
+    resident: bool = False
+
+    def label(self) -> str:
+        b = "torch fp32" if self.backend == "torch" else f"{self.backend} {self.bits}-bit"
+        return f"{b}, vision {self.vision_precision}, n_ctx {self.n_ctx}, {self.images} image(s)"
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    bytes: int
+    on_device: bool  # in GPU memory when the run is on a GPU (else host RAM)
+    note: str = ""
+
+
+def llm_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
+    if shape.bundle and shape.bundle.get("backend") == c.backend and shape.bundle.get("bits") in (c.bits, None):
+        return int(shape.bundle["llm_weight_bytes"])
+    llm = shape.llm
+    block = BLOCK_BITS[(c.backend, c.bits)]
+    emb = EMBED_BITS[c.backend] if EMBED_BITS[c.backend] is not None else block
+    head = HEAD_BITS[c.backend] if HEAD_BITS[c.backend] is not None else block
+    head_params = llm.head_params or (llm.embed_params if c.backend == "onnx" else 0)  # onnx: tied head in graph
+    bits = llm.block_matrix_params * block + llm.embed_params * emb + head_params * head + llm.other_params * 32
+    return int(bits / 8)
+
+
+def vision_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
+    v = shape.vision
+    if v.file_bytes and (not shape.bundle or shape.bundle.get("vision_precision") == c.vision_precision):
+        return int(v.file_bytes)
+    return int(v.params * (4 if c.vision_precision == "fp32" else 2))
+
+
+def components(shape: ModelShape, c: RunChoice) -> list[Component]:
+    llm, v = shape.llm, shape.vision
+    be = c.backend
+    image_tokens = v.image_tokens * c.images
+    used = min(c.n_ctx, c.tokens if c.tokens is not None else c.n_ctx)
+    kv_tokens = c.n_ctx if be == "gguf" and not c.resident else used  # llama.cpp allocates the context up front
+    kv = 2 * llm.layers * kv_tokens * llm.kv_dim * KV_BYTES[be] * KV_COPIES.get(be, 1)
+    prefill = min(used, image_tokens + TEXT_TOKENS)
+    act_bytes = 4 if be != "gptq" else 2
+    if be == "gguf" and not c.resident:  # llama.cpp reserves its graph for a full ubatch
+        ub = min(LLAMA_UBATCH, c.n_ctx)
+        compute = 4 * ub * (llm.vocab + 2 * llm.ff + 4 * llm.hidden) + 4 * ub * llm.heads * min(c.n_ctx, ub)
+    else:  # logits for every prefill position + one block's activations + attention scores
+        compute = act_bytes * prefill * (llm.vocab + 2 * llm.ff + 4 * llm.hidden) + 4 * llm.heads * prefill ** 2
+    vis_act = 4 * (2 * v.seq * (v.mlp + 3 * v.width) + v.heads * v.seq ** 2)
+    vw, lw = vision_weight_bytes(shape, c), llm_weight_bytes(shape, c)
+    out = [Component("runtime", RUNTIME_MB[be] * MB, False, "Python, libraries, sessions (calibrated here)"),
+           Component("vision weights", vw, True, f"{c.vision_precision} ONNX"),
+           Component("vision activations", vis_act, True, f"one image, {v.seq} encoder tokens"),
+           Component("llm weights", lw, True, "bundle files" if shape.bundle else
+                     f"{BLOCK_BITS[(be, c.bits)]} bits/weight in the blocks"),
+           Component("kv cache", kv, True, f"{kv_tokens} tokens ({image_tokens} image) x {llm.layers} layers x "
+                                           f"{llm.kv_dim} x {KV_BYTES[be]} B x 2"),
+           Component("compute buffers", compute, True, "one prefill batch"),
+           Component("load transient", int(LOAD_EXTRA[be] * lw + LOAD_EXTRA["vision"] * vw), False,
+                     "file bytes held twice while loading")]
+    if c.on_gpu:
+        out.append(Component("cuda context", CUDA_CONTEXT_MB * MB, True, "assumed (not measured here)"))
+    return out
+
+
+def total(comps: list[Component], where: str = "all") -> int:
+    """where: all | device | host."""
+    return sum(x.bytes for x in comps if where == "all" or (where == "device") == x.on_device)
+
+
+def peak_rss_prediction(shape: ModelShape, c: RunChoice) -> dict:
+    comps = components(shape, c)
+    return {"predicted_mb": round(total(comps) / MB, 1), "choice": asdict(c),
+            "components_mb": {x.name: round(x.bytes / MB, 1) for x in comps}}
