@@ -30,6 +30,9 @@ def _add_runtime_flags(p):
                    help="auto: GPU when onnxruntime-gpu / a CUDA llama.cpp are installed, else CPU (says so)")
     p.add_argument("--n-ctx", type=int, default=2048, help="LLM context size in tokens (default 2048)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--vision-device", choices=["same", "cpu"], default="same",
+                   help="cpu: run the vision model on the CPU while the LLM uses the GPU (leaves the VRAM to the "
+                        "LLM; `edge-vlm plan` says when that is what makes a model fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--stop", action="append", help="stop string override (repeat for several); matched on text")
     u.add_argument("--lora-alpha", type=float, help="LoRA alpha of the checkpoint (default 16, as upstream)")
     u.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name of a byte-level BPE tokenizer")
+    u.add_argument("--llm-dtype", choices=["float32", "float16"], default=None,
+                   help="dtype the LLM is loaded and validated in (default float32, the exact reference); float16 "
+                        "halves export memory (a 7B needs 13.5 GB instead of 27) and is how the upstream demos run it")
     u.add_argument("--trust-checkpoint", action="store_true", default=None,
                    help="allow checkpoints that need full unpickling (can run code from the file; default: "
                         "weights_only loading, which refuses them)")
@@ -173,6 +179,9 @@ outputs: OUT_DIR/NAME.json (every raw run, medians, machine, versions), NAME.md,
     p.add_argument("bundles", nargs="*", help="bundle folders (measured in this order)")
     p.add_argument("--reference", help="source (built-in name or folder) run by the fp32 torch reference: measured "
                                        "first; the baseline for ratios, fidelity and accuracy")
+    p.add_argument("--reference-dtype", choices=["float32", "float16"], default="float32",
+                   help="the reference's LLM dtype: float32 (default) or float16, as the upstream demos run it "
+                        "(for models whose fp32 copy does not fit in RAM)")
     p.add_argument("--label", action="append", help="display name per bundle, in order (default: folder names)")
     p.add_argument("--dataset", help="task accuracy on easy-vqa or a folder in its format (questions.json + images/)")
     p.add_argument("--split", default="test")
@@ -213,7 +222,10 @@ examples:
     p.add_argument("--images", type=int, default=1, help="images in the context (default 1)")
     p.add_argument("--bits", type=int, choices=[4, 8, 16], help="only this many bits (sources and shapes)")
     p.add_argument("--backend", default=None, help="only this backend (default: what auto picks per bits)")
-    p.add_argument("--vision-precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--vision-precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32 (what export writes today) or fp16 (a prediction)")
+    p.add_argument("--vision-device", choices=["same", "cpu"], default="same",
+                   help="cpu: the vision model in host RAM, the LLM alone on the GPU (run --vision-device cpu)")
     p.add_argument("--reserve", type=float, default=None, help="GB the model cannot use (default: the device's)")
     p.add_argument("--devices", action="store_true", help="list the device table and exit")
     p.add_argument("--json", action="store_true")
@@ -246,7 +258,7 @@ def cmd_export(a):
     fields = load_recipe(a.recipe) if a.recipe else {}
     upstream = {k: fields.pop(k) for k in SOURCE_FIELDS if k in fields}
     given = {"family": a.family, "template": a.template, "stop": a.stop, "lora_alpha": a.lora_alpha,
-             "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint,
+             "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint, "llm_dtype": a.llm_dtype,
              **{k: str(Path(getattr(a, k)).resolve()) for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
     upstream.update({k: v for k, v in given.items() if v is not None})
     if upstream and "family" not in upstream:
@@ -323,7 +335,8 @@ def cmd_run(a):
     from edge_vlm.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
-    cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify=a.verify)
+    cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify=a.verify,
+                        vision_device=a.vision_device)
     with Pipeline.load(a.bundle, cfg) as p:
         for note in p.device.notes:
             print(note, file=sys.stderr)
@@ -400,10 +413,12 @@ def cmd_bench(a):
     from edge_vlm.bench.config import DEFAULT_PROMPT, BenchConfig
     from edge_vlm.bench.run import run, write
 
-    cfg = BenchConfig(bundles=tuple(a.bundles), reference=a.reference, dataset=a.dataset, split=a.split,
+    cfg = BenchConfig(bundles=tuple(a.bundles), reference=a.reference, reference_dtype=a.reference_dtype,
+                      dataset=a.dataset, split=a.split,
                       limit=a.limit, runs=a.runs, warmup=a.warmup, max_new_tokens=a.max_new_tokens,
                       prompt=a.prompt or DEFAULT_PROMPT, image=a.image, fidelity_cases=a.fidelity_cases,
                       fidelity_tokens=a.fidelity_tokens, mode=a.mode, device=a.device, threads=a.threads,
+                      vision_device=a.vision_device,
                       n_ctx=a.n_ctx, name=a.name, out_dir=a.out_dir, labels=tuple(a.label or ()))
     res = run(cfg, progress=not a.json)
     paths = write(res, Path(a.out_dir))

@@ -24,10 +24,11 @@ class ReferencePipeline:
         self.prompt = src.prompt
 
     @classmethod
-    def load(cls, source: str | None = None, n_ctx: int = 2048):
+    def load(cls, source: str | None = None, n_ctx: int = 2048, llm_dtype: str = "float32"):
+        """`llm_dtype` float16: the LLM as the upstream demos run it (a 7B in fp32 needs 27 GB)."""
         from edge_vlm.families import load_source
 
-        return cls(load_source(source), n_ctx)
+        return cls(load_source(source, {"llm_dtype": llm_dtype} if llm_dtype != "float32" else None), n_ctx)
 
     def pixels(self, image) -> np.ndarray:
         p = self.src.preprocess
@@ -37,7 +38,7 @@ class ReferencePipeline:
         import torch
 
         with torch.no_grad():
-            return self.src.vision(torch.from_numpy(self.pixels(image)))[0].numpy()
+            return self.src.vision(torch.from_numpy(self.pixels(image)))[0].float().numpy()
 
     def generate(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(), stats=None):
         yield from generate(self.llm, self.prompt, prompt, self.embed(image), sampling, stats)

@@ -17,12 +17,15 @@ class TargetSpec:
     device: str = "cpu"
     threads: int = 0
     n_ctx: int = 2048
+    vision_device: str = "same"
+    llm_dtype: str = "float32"  # the reference's LLM: float32, or float16 as the upstream demos run it
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     bundles: tuple[str, ...] = ()
     reference: str | None = None  # source for the torch reference; measured first, the baseline of ratios
+    reference_dtype: str = "float32"  # float16 for models whose fp32 reference does not fit in RAM
     dataset: str | None = None  # easy-vqa or a folder in its format; None = no task accuracy
     split: str = "test"
     limit: int = 100  # questions for task accuracy
@@ -35,6 +38,7 @@ class BenchConfig:
     fidelity_tokens: int = 32
     mode: str = "auto"  # interleaved | sequential | auto (interleaved when every target fits in RAM at once)
     device: str = "cpu"
+    vision_device: str = "same"
     threads: int = 0
     n_ctx: int = 2048
     name: str = "bench"

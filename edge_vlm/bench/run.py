@@ -95,14 +95,15 @@ def targets_for(cfg: BenchConfig) -> list[TargetSpec]:
 
     out = []
     if cfg.reference:
-        out.append(TargetSpec(f"torch fp32 ({Path(cfg.reference).name})", "reference", cfg.reference,
-                              cfg.device, cfg.threads, cfg.n_ctx))
+        dt = {"float32": "fp32", "float16": "fp16"}[cfg.reference_dtype]
+        out.append(TargetSpec(f"torch {dt} ({Path(cfg.reference).name})", "reference", cfg.reference,
+                              cfg.device, cfg.threads, cfg.n_ctx, cfg.vision_device, cfg.reference_dtype))
     labels = list(cfg.labels) or [Path(b).name for b in cfg.bundles]
     if len(labels) != len(cfg.bundles):
         raise BadInput(f"{len(labels)} labels for {len(cfg.bundles)} bundles: give one --label per bundle")
     for b, label in zip(cfg.bundles, labels):
         load_manifest(Path(b))  # a wrong folder fails here, before anything starts
-        out.append(TargetSpec(label, "bundle", str(b), cfg.device, cfg.threads, cfg.n_ctx))
+        out.append(TargetSpec(label, "bundle", str(b), cfg.device, cfg.threads, cfg.n_ctx, cfg.vision_device))
     if not out:
         raise BadInput("nothing to measure: give one or more bundles and/or --reference SOURCE")
     if len({t.label for t in out}) != len(out):
@@ -121,7 +122,8 @@ def predict(spec: TargetSpec, tokens: int, resident: bool = False) -> dict | Non
                                       shape.bundle["vision_precision"], spec.n_ctx, 1, tokens, resident=resident)
         else:
             shape = shapes.from_source(spec.path)
-            choice = memory.RunChoice("torch", 32, "fp32", spec.n_ctx, 1, tokens, resident=resident)
+            bits = 16 if spec.llm_dtype == "float16" else 32
+            choice = memory.RunChoice("torch", bits, "fp32", spec.n_ctx, 1, tokens, resident=resident)
         return memory.peak_rss_prediction(shape, choice)
     except (EdgeVLMError, KeyError, ValueError, OSError) as e:
         return {"predicted_mb": None, "why": str(e)}
@@ -262,7 +264,7 @@ def assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, i
             t["llm_desc"] = f"{m.llm.backend} {q.get('type') or q.get('method', '')}".strip()
             t["bits_per_weight"] = q.get("bits_per_weight")
         else:
-            t["llm_desc"] = "torch fp32"
+            t["llm_desc"] = f"torch {'fp16' if s.llm_dtype == 'float16' else 'fp32'}"
         if questions:
             ok = [normalize_answer(a) == q.answer for a, q in zip(r["answers"], questions)]
             kinds = {}

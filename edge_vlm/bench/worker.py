@@ -58,7 +58,8 @@ class Target:
             from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
 
             self.pipe = Pipeline.load(spec["path"], RuntimeConfig(device=spec["device"], n_ctx=spec["n_ctx"],
-                                                                  threads=spec["threads"]))
+                                                                  threads=spec["threads"],
+                                                                  vision_device=spec["vision_device"]))
             self.llm, self.prompt = self.pipe.llm, self.pipe.manifest.prompt
             self.pixels = self.pipe.vision.pixels
             self._embed = lambda px: self.pipe.vision.embed_pixels(px)[0]
@@ -70,7 +71,7 @@ class Target:
 
             if spec["threads"]:
                 torch.set_num_threads(spec["threads"])
-            self.pipe = ReferencePipeline.load(spec["path"], n_ctx=spec["n_ctx"])
+            self.pipe = ReferencePipeline.load(spec["path"], n_ctx=spec["n_ctx"], llm_dtype=spec["llm_dtype"])
             self.llm, self.prompt, self.pixels = self.pipe.llm, self.pipe.prompt, self.pipe.pixels
             self._embed = self._torch_embed
             self.llm_weight_bytes = self._torch_llm_bytes()

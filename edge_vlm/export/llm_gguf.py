@@ -82,7 +82,7 @@ def _spm_vocab(model_file: Path, n_vocab: int):
 
 @dataclass(frozen=True)
 class LlamaGGUFWriter:
-    """Writes a transformers Llama-architecture causal LM as an F32 GGUF. Tokenizers: byte-level BPE
+    """Writes a transformers Llama-architecture causal LM as an F32 GGUF (F16 matrices for an fp16 LLM). Tokenizers: byte-level BPE
     (tokenizer_pre names llama.cpp's pre-tokenizer), or SentencePiece when `spm_model` is given."""
 
     tokenizer_pre: str = "smollm"
@@ -90,6 +90,7 @@ class LlamaGGUFWriter:
 
     def write(self, llm, tokenizer, path: Path, name: str = "edge-vlm") -> None:
         import gguf
+        import torch
 
         c = llm.config
         if c.model_type != "llama":
@@ -149,12 +150,14 @@ class LlamaGGUFWriter:
             new = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if new is None:
                 raise SourceError(f"no GGUF name for tensor {key!r} of the llama architecture")
-            arr = t.detach().float().numpy()
+            # matrices keep the source's dtype (an fp16 LLM becomes an F16 file without an fp32 copy of
+            # 27 GB); norms are F32, as llama.cpp expects
+            arr = t.detach().numpy() if t.dtype == torch.float16 and t.ndim == 2 else t.detach().float().numpy()
             if key.endswith("self_attn.q_proj.weight"):
                 arr = _permute_rope(arr, n_head)
             elif key.endswith("self_attn.k_proj.weight"):
                 arr = _permute_rope(arr, n_kv)
-            w.add_tensor(new, np.ascontiguousarray(arr, dtype=np.float32))
+            w.add_tensor(new, np.ascontiguousarray(arr))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
@@ -196,6 +199,8 @@ def tensor_mix(path: Path) -> dict:
 
 def export_llm(ctx):
     """The gguf backend's export stages; returns the manifest's LLM section and its validation."""
+    import torch
+
     from edge_vlm.export import llm_validate
     from edge_vlm.manifest import LLMSpec
     from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
@@ -203,10 +208,16 @@ def export_llm(ctx):
     cfg, src = ctx.cfg, ctx.src
     quant = ctx.quant.upper()
     ctx.step("LLM -> GGUF")
-    base = ctx.bw.path("llm-f32.tmp.gguf")
+    base = ctx.bw.path("llm-source.tmp.gguf")
     spm = src.description.get("spm_model")
+    fp16 = next(src.llm.parameters()).dtype != torch.float32
+    if fp16 and quant == "F32":
+        raise BadInput("--quant F32 from an fp16-loaded LLM would only widen fp16 values: use --bits 16 (F16), "
+                       "or load the LLM with --llm-dtype float32")
+    ctx.reference_trace()  # recorded before the torch LLM is freed below
     LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm"), Path(spm) if spm else None).write(
         src.llm, src.tokenizer, base, name=src.description.get("name", "edge-vlm"))
+    ctx.release_torch_llm()  # quantizing maps the whole GGUF: one copy of the LLM in memory, not two
     ctx.step("quantize LLM")
     llm_file = f"llm-{quant.lower()}.gguf"
     quantize(base, ctx.bw.path(llm_file), quant, cfg.threads)

@@ -40,7 +40,7 @@ class ExportConfig:
 
 # how to load an upstream family (edge_vlm.families.minigpt.UpstreamSource); paths relative to the source folder
 SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "lora_alpha", "trust_checkpoint",
-                 "tokenizer_pre", "image_size", "image_tokens", "name")
+                 "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
 RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
                  "calibration_data", "description", *SOURCE_FIELDS}
 
@@ -167,7 +167,11 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
     from edge_vlm.families import describe_source, load_source
     from edge_vlm.manifest import Manifest, VisionSpec
+    from edge_vlm.plan.shapes import llm_shape_of, vision_shape_of
+    from edge_vlm.preprocess import preprocess
     from edge_vlm.reference import ReferencePipeline
+
+    import torch
 
     if cfg.calibration not in (None, "image", "text"):
         raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
@@ -188,7 +192,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
 
     with BundleWriter(Path(cfg.out), cfg.force) as bw:
         step("load source")
-        src = load_source(cfg.source, cfg.upstream)
+        src = load_source(cfg.source, cfg.upstream, defer_llm=True)  # upstream LLMs load after the vision export
         backend, why = pick_backend(cfg, src.llm_arch)
         tqdm.write(why, file=sys.stderr)
         exporter = exporter_module(backend)
@@ -199,20 +203,22 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         vision_file = "vision.onnx"
         vx.export(src.vision, src.preprocess.image_size, bw.path(vision_file))
         step("validate vision")
-        ref = ReferencePipeline(src)
         sample_image = _sample_image()
-        vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size,
-                                   ref.pixels(sample_image))
-        from edge_vlm.plan.shapes import source_shapes
-
-        vision_shape, llm_shape = source_shapes(src)
+        p = src.preprocess
+        pixels = preprocess(sample_image, p.image_size, p.mean, p.std, p.resize)
+        vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size, pixels)
+        with torch.no_grad():
+            image_embeds = src.vision(torch.from_numpy(pixels))[0].float().numpy()
+        vision_shape = vision_shape_of(src)
+        src.vision = None  # exported and validated: its torch weights are not needed any more
+        gc.collect()
+        src.load_llm()
+        ref = ReferencePipeline(src)
+        llm_shape = llm_shape_of(src)
         spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
                           n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size,
                           shape=vision_shape)
         vision_rt = LazyVision(bw.path(vision_file), spec, src.preprocess, cfg.threads)
-        image_embeds = ref.embed(sample_image)
-        src.vision = None  # exported and validated: its torch weights are not needed any more
-        gc.collect()
         ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=ref.llm, image_embeds=image_embeds,
                             embed_image=vision_rt.embed, step=step, llm_config=src.llm.config,
                             quant=cfg.gguf_quant() if backend.name == "gguf" else "")

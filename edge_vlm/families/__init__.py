@@ -63,10 +63,13 @@ def describe_source(source: str | None = None, overrides: dict | None = None) ->
     return root, {**desc, **overrides}
 
 
-def load_source(source: str | None = None, overrides: dict | None = None):
-    """Load a source model (torch). Returns the family module's `SourceModel`."""
+def load_source(source: str | None = None, overrides: dict | None = None, defer_llm: bool = False):
+    """Load a source model (torch). Returns the family module's `SourceModel`. `defer_llm`: the
+    upstream families load the LLM's weights only at `SourceModel.load_llm()` (small models load at once)."""
     root, desc = describe_source(source, overrides)
     family = desc.get("family")
     if family not in FAMILIES:
         raise SourceError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family]).load(root, desc)
+    module = importlib.import_module(FAMILIES[family])
+    return module.load(root, desc, defer_llm=True) if defer_llm and FAMILIES[family] == UPSTREAM else \
+        module.load(root, desc)

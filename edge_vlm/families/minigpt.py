@@ -98,6 +98,9 @@ class UpstreamSource:
     vit_dims: eq.VitDims = field(default_factory=eq.VitDims)  # non-default only for miniature test models
     qformer_dims: eq.QFormerDims = field(default_factory=eq.QFormerDims)
     name: str = ""
+    # the dtype the LLM is loaded (and the export validated) in: float16 halves a 7B's 27 GB, and is
+    # how the upstream demos run it; float32 (default) is the exact reference
+    llm_dtype: str = "float32"
     expect_image_size: int | None = None  # a recipe's statement of the family's shapes, checked at load
     expect_image_tokens: int | None = None
 
@@ -119,6 +122,7 @@ class UpstreamSource:
                    tokenizer_pre=desc.get("tokenizer_pre", "default"),
                    vit_dims=eq.VitDims(**desc.get("vit_dims", {})),
                    qformer_dims=eq.QFormerDims(**desc.get("qformer_dims", {})), name=desc.get("name", ""),
+                   llm_dtype=desc.get("llm_dtype") or "float32",
                    expect_image_size=desc.get("image_size"), expect_image_tokens=desc.get("image_tokens"))
 
 
@@ -177,17 +181,26 @@ def detect(ckpt_state: dict, vit_width: int = 1408, qformer_width: int = 768) ->
                       f"{qformer_width} nor 4 x the ViT's {vit_width}; pass --family")
 
 
-def load(root: Path, desc: dict) -> SourceModel:
+LLM_DTYPES = ("float32", "float16")
+LLM_ARCH = {"llama": "llama", "phi2": "tinygpt_v_phi"}  # FamilySpec.llm -> the HF model_type it loads as
+
+
+def load(root: Path, desc: dict, defer_llm: bool = False) -> SourceModel:
     try:
         src = UpstreamSource.from_description(Path(root), desc)
     except (KeyError, TypeError) as e:
         raise SourceError(f"source description is incomplete or malformed: {type(e).__name__} {e}") from e
-    return load_upstream(src)
+    return load_upstream(src, defer_llm=defer_llm)
 
 
-def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stderr)) -> SourceModel:
+def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stderr),
+                  defer_llm: bool = False) -> SourceModel:
+    """`defer_llm`: check the LLM folder's config now, load its weights only when `SourceModel.load_llm()`
+    is called (export first converts and frees the vision model: peak memory is one of them, not both)."""
     import torch
 
+    if src.llm_dtype not in LLM_DTYPES:
+        raise SourceError(f"--llm-dtype {src.llm_dtype!r}: use one of {', '.join(LLM_DTYPES)}")
     ckpt_path = Path(src.ckpt)
     ckpt_state = ck.model_state(ck.load_torch_file(ckpt_path, "--ckpt", src.trust_checkpoint), ckpt_path, "--ckpt")
     detected = None
@@ -237,12 +250,24 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
     stack = vision_stack_class()(vit, projections, qformer, query_tokens).eval().requires_grad_(False)
 
     # ---- LLM: folder + the checkpoint's norms and LoRA ----
-    llm, tok, llm_report = _load_llm(src, spec, llm_part, ckpt_path)
-    report.update(llm_report)
-    if llm.config.hidden_size != width_in:
+    from edge_vlm.families.upstream_llm import llm_config
+
+    if not Path(src.llm).is_dir():
+        raise SourceError(f"--llm {src.llm} is not a folder (expected a transformers-format model folder)")
+    hidden = llm_config(Path(src.llm)).get("hidden_size")
+    if hidden != width_in:
         raise CheckpointMismatch(f"--ckpt {ckpt_path}", hint=f"the last projection outputs {width_in} but the LLM in "
-                                 f"{src.llm} has hidden size {llm.config.hidden_size}: checkpoint and LLM do not belong "
+                                 f"{src.llm} has hidden size {hidden}: checkpoint and LLM do not belong "
                                  "together (7B vs 13B?)")
+
+    def load_llm():
+        llm, tok, llm_report = _load_llm(src, spec, llm_part, ckpt_path)
+        report.update(llm_report)
+        return llm, tok
+
+    llm = tok = None
+    if not defer_llm:
+        llm, tok = load_llm()
     report["ckpt"] = kr.summary()
     n_tokens = _image_tokens(src, spec)
     for what, want, got in (("image_size", src.expect_image_size, spec.image_size),
@@ -258,6 +283,7 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
     description = {
         "name": src.name or f"{src.family}-{Path(src.ckpt).stem}", "description": spec.title,
         "image_tokens": n_tokens, "tokenizer_pre": src.tokenizer_pre, "llm_source_quant": None,
+        "llm_dtype": src.llm_dtype,  # the reference the export was validated against
         # LLaMA's SentencePiece model, when the LLM folder has one (the gguf backend writes it as is)
         **({"spm_model": str(Path(src.llm) / "tokenizer.model")} if (Path(src.llm) / "tokenizer.model").is_file() else {}),
         "files": {f: getattr(src, f) for f in FILE_FIELDS if getattr(src, f)},
@@ -265,7 +291,8 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
         "default_backend": spec.default_backend, "keys": report,
         **({"detected": detected} if detected else {}),
     }
-    return SourceModel(src.family, description, stack, llm, tok, pre, prompt, llm.config.model_type)
+    return SourceModel(src.family, description, stack, llm, tok, pre, prompt, LLM_ARCH[spec.llm],
+                       llm_loader=load_llm if defer_llm else None)
 
 
 def _image_tokens(src: UpstreamSource, spec: FamilySpec) -> int:
@@ -354,7 +381,8 @@ def _load_llm(src: UpstreamSource, spec: FamilySpec, llm_part: dict, ckpt_path: 
     folder = Path(src.llm)
     if not folder.is_dir():
         raise SourceError(f"--llm {folder} is not a folder (expected a transformers-format model folder)")
-    llm = upstream_llm.load_llama(folder) if spec.llm == "llama" else upstream_llm.load_phi2(folder)
+    load = upstream_llm.load_llama if spec.llm == "llama" else upstream_llm.load_phi2
+    llm = load(folder, src.llm_dtype)
     tok = upstream_llm.load_tokenizer(folder)
     what = f"--ckpt {ckpt_path} (LLM part)"
     pairs, plain, newer = split_lora(llm_part)

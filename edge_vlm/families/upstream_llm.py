@@ -32,17 +32,17 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_llama(folder: Path):
+def load_llama(folder: Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     cfg = _config(folder)
     if cfg.get("model_type") != "llama":
         raise SourceError(f"{folder}: config.json says model_type {cfg.get('model_type')!r}; this family needs a "
                           "Llama folder (Vicuna / Llama-2-chat in transformers format)")
-    return _from_pretrained(AutoModelForCausalLM, folder)
+    return _from_pretrained(AutoModelForCausalLM, folder, dtype=dtype)
 
 
-def load_phi2(folder: Path):
+def load_phi2(folder: Path, dtype: str = "float32"):
     """Old-format Phi-2 weights into our TinyGPT-V Phi model; the added norms stay at their init
     (ones, zero biases) until the stage checkpoint overrides them."""
     from edge_vlm.llms import register_architectures
@@ -54,14 +54,14 @@ def load_phi2(folder: Path):
         raise SourceError(f"{folder}: config.json says model_type {cfg.get('model_type')!r}; TinyGPT-V needs an "
                           "old-format Phi-2 folder (model_type 'phi')")
     config = TinyGPTVPhiConfig(**{k: cfg[k] for k in PHI_CONFIG_FIELDS if cfg.get(k) is not None})
-    return _from_pretrained(TinyGPTVPhiForCausalLM, folder, config=config, allowed_missing=PHI_ADDED,
+    return _from_pretrained(TinyGPTVPhiForCausalLM, folder, dtype, config=config, allowed_missing=PHI_ADDED,
                             new_release_hint=(
         f"{folder} looks like the current microsoft/phi-2 release (split q_proj/k_proj/v_proj). TinyGPT-V was "
         "trained on the old-format Phi-2 (fused self_attn.query_key_value, e.g. susnato/phi-2 or the phi-2 folder "
         "of the llizhx/TinyGPT-V space); upstream issues #9 and #26 describe the garbage the new release gives"))
 
 
-def _from_pretrained(cls, folder: Path, allowed_missing=(), new_release_hint: str = "", **kw):
+def _from_pretrained(cls, folder: Path, dtype: str = "float32", allowed_missing=(), new_release_hint: str = "", **kw):
     """transformers' loader (mmap, shards, .bin with weights_only) with its key report made strict."""
     import re
 
@@ -73,7 +73,7 @@ def _from_pretrained(cls, folder: Path, allowed_missing=(), new_release_hint: st
     hf_logging.set_verbosity_error()  # its load report would list the norms we add below as "missing"
     hf_logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kw)
+        model, info = cls.from_pretrained(folder, dtype=getattr(torch, dtype), output_loading_info=True, **kw)
     except (OSError, ValueError, RuntimeError) as e:
         raise SourceError(f"cannot load the LLM from {folder}: {str(e)[:300]}") from e
     finally:
@@ -89,6 +89,11 @@ def _from_pretrained(cls, folder: Path, allowed_missing=(), new_release_hint: st
         raise CheckpointMismatch(f"LLM folder {folder}", missing, unexpected,
                                  hint=("shape mismatch: " + ", ".join(map(str, mismatched[:4]))) if mismatched else "")
     return model.eval().requires_grad_(False)
+
+
+def llm_config(folder: Path) -> dict:
+    """The LLM folder's config.json (cheap: no weights), with a SourceError if it is missing or bad."""
+    return _config(folder)
 
 
 def _config(folder: Path) -> dict:

@@ -34,7 +34,7 @@ class Fit:
 
 
 def fit(shape: ModelShape, device: Device, c: RunChoice) -> Fit:
-    c = replace(c, on_gpu=device.kind in ("gpu", "unified"))
+    c = replace(c, on_gpu=device.kind in ("gpu", "unified"), vision_on_cpu=c.vision_on_cpu and device.kind == "gpu")
     comps = components(shape, c)
     if device.kind == "gpu":  # discrete VRAM: the model's tensors; Python and libraries stay in host RAM
         return Fit(c, comps, total(comps, "device"), device.usable_bytes, total(comps, "host"))
@@ -42,12 +42,13 @@ def fit(shape: ModelShape, device: Device, c: RunChoice) -> Fit:
 
 
 def candidates(shape: ModelShape, backends: dict[int, str], n_ctx: int, images: int,
-               vision_precisions=("fp32",)) -> list[RunChoice]:
-    """Most faithful first: more bits, full vision precision, the requested context, then smaller ones."""
+               vision_precisions=("fp32",), vision_cpu=(False, True)) -> list[RunChoice]:
+    """Most faithful first: more bits, full vision precision, the requested context, then smaller
+    ones; at each, the vision model on the GPU, then on the CPU (only discrete GPUs gain from it)."""
     min_ctx = shape.vision.image_tokens * images + 256
     ctxs = [n_ctx] + [x for x in CONTEXTS if x < n_ctx and x >= min_ctx]
-    return [RunChoice(backends[b], b, vp, ctx, images) for b in sorted(backends, reverse=True)
-            for vp in vision_precisions for ctx in ctxs]
+    return [RunChoice(backends[b], b, vp, ctx, images, vision_on_cpu=vc) for b in sorted(backends, reverse=True)
+            for vp in vision_precisions for ctx in ctxs for vc in vision_cpu]
 
 
 def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[RunChoice]) -> str:
@@ -62,6 +63,8 @@ def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[Run
                 changes.append(f"--backend {c.backend} --bits {c.bits}")
             if c.n_ctx != requested.choice.n_ctx:
                 changes.append(f"--n-ctx {c.n_ctx}")
+            if c.vision_on_cpu and not requested.choice.vision_on_cpu:
+                changes.append("--vision-device cpu (the vision model in host RAM)")
             if c.vision_precision != requested.choice.vision_precision:
                 changes.append(f"a {c.vision_precision} vision model")
             return (f"does not fit: needs {requested.needed / 1e9:.2f} GB, {device.title} has "

@@ -51,7 +51,7 @@ def plan_rows(shape: ModelShape, device, a) -> tuple[list[Fit], list[RunChoice]]
         b = shape.bundle
         bits = b["bits"] or 16
         req = [RunChoice(b["backend"], bits, a.vision_precision if a.vision_precision != "fp32" else
-                         b["vision_precision"], a.context, a.images)]
+                         b["vision_precision"], a.context, a.images, vision_on_cpu=a.vision_device == "cpu")]
         options = candidates(shape, {bits: b["backend"]}, a.context, a.images)
         lower = {x: auto_backend(shape.llm.arch, x) for x in (8, 4) if x < bits}
         options += candidates(replace(shape, bundle={}), {k: v for k, v in lower.items() if v}, a.context, a.images)
@@ -59,7 +59,8 @@ def plan_rows(shape: ModelShape, device, a) -> tuple[list[Fit], list[RunChoice]]
     bits_list = [a.bits] if a.bits else [16, 8, 4]
     backends = {x: a.backend or auto_backend(shape.llm.arch, x) for x in bits_list}
     backends = {x: v for x, v in backends.items() if v}
-    req = [RunChoice(be, x, a.vision_precision, a.context, a.images) for x, be in backends.items()]
+    req = [RunChoice(be, x, a.vision_precision, a.context, a.images, vision_on_cpu=a.vision_device == "cpu")
+           for x, be in backends.items()]
     all_bits = {x: a.backend or auto_backend(shape.llm.arch, x) for x in (16, 8, 4)}
     options = candidates(shape, {k: v for k, v in all_bits.items() if v}, a.context, a.images,
                          (a.vision_precision,) if a.vision_precision == "fp16" else ("fp32", "fp16"))
@@ -85,12 +86,13 @@ def plan_command(a) -> tuple[dict, str]:
     for f in fits:
         by = {x.name: x.bytes for x in f.components}
         c = f.choice
-        name = ("torch fp32" if c.backend == "torch" else f"{c.backend} {c.bits}-bit") + f", vision {c.vision_precision}"
+        name = ("torch fp32" if c.backend == "torch" else f"{c.backend} {c.bits}-bit") + f", vision {c.vision_precision}" \
+            + (" (CPU)" if c.vision_on_cpu else "")
         lines.append(f"{name:<28}" + "".join(f"{by.get(col, 0) / MB:>9.0f}" for col in cols) +
                      f"{f.needed / 1e9:>10.2f}{'yes' if f.fits else 'NO':>6}{f.room / 1e9:>10.2f}")
     if device.kind == "gpu":
-        lines.append(f"(GPU: 'needs' counts what lives in VRAM; Python and the libraries take "
-                     f"{fits[0].host_only / 1e9:.2f} GB of host RAM besides)")
+        lines.append(f"(GPU: 'needs' counts what lives in VRAM; Python, the libraries and whatever runs on the CPU "
+                     f"take {fits[0].host_only / 1e9:.2f} GB of host RAM besides)")
     best = next((f for f in fits if f.fits), None)
     if best is None or best is fits[0]:
         advice = suggest(shape, device, fits[0], options)

@@ -40,12 +40,13 @@ BLOCK_BITS = {
     ("bnb", 4): 4.13,  # nf4: 4 bits + double-quantized absmax (0.127 bpw)
     ("bnb", 8): 8.0,  # LLM.int8: int8 + one fp32 scale per row
     ("torch", 32): 32.0,  # the fp32 reference
+    ("torch", 16): 16.0,  # the fp16 reference (as the upstream demos run it)
 }
 # Bits per weight of the token embeddings / untied output head, resident in memory. onnx keeps
 # the embeddings in a memory-mapped .npy (only the rows used are read) and the head in the graph
 # at block precision; gptq keeps them fp16; edge-vlm's bnb checkpoints keep them fp32.
-EMBED_BITS = {"gguf": None, "onnx": 0.0, "gptq": 16.0, "bnb": 32.0, "torch": 32.0}  # None: as the blocks
-HEAD_BITS = {"gguf": None, "onnx": None, "gptq": 16.0, "bnb": 32.0, "torch": 32.0}
+EMBED_BITS = {"gguf": None, "onnx": 0.0, "gptq": 16.0, "bnb": 32.0, "torch": None}  # None: as the blocks
+HEAD_BITS = {"gguf": None, "onnx": None, "gptq": 16.0, "bnb": 32.0, "torch": None}
 KV_BYTES = {"gguf": 2, "onnx": 4, "gptq": 2, "bnb": 4, "torch": 4}  # f16 in llama.cpp; fp32/bf16 in torch
 KV_COPIES = {"onnx": 2}  # onnxruntime holds past and present caches during a step
 LLAMA_UBATCH = 512  # edge-vlm's n_batch = n_ubatch
@@ -70,10 +71,12 @@ class RunChoice:
     # resident after a run that used `tokens` tokens (what peak RSS measures: llama.cpp's
     # preallocated KV cache and graph buffers count only where they were touched).
     resident: bool = False
+    vision_on_cpu: bool = False  # `--vision-device cpu`: the vision model in host RAM, the LLM alone on the GPU
 
     def label(self) -> str:
         b = "torch fp32" if self.backend == "torch" else f"{self.backend} {self.bits}-bit"
-        return f"{b}, vision {self.vision_precision}, n_ctx {self.n_ctx}, {self.images} image(s)"
+        where = " on the CPU" if self.vision_on_cpu else ""
+        return f"{b}, vision {self.vision_precision}{where}, n_ctx {self.n_ctx}, {self.images} image(s)"
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,9 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
     vis_act = 4 * (2 * v.seq * (v.mlp + 3 * v.width) + v.heads * v.seq ** 2)
     vw, lw = vision_weight_bytes(shape, c), llm_weight_bytes(shape, c)
     out = [Component("runtime", RUNTIME_MB[be] * MB, False, "Python, libraries, sessions (calibrated here)"),
-           Component("vision weights", vw, True, f"{c.vision_precision} ONNX"),
-           Component("vision activations", vis_act, True, f"one image, {v.seq} encoder tokens"),
+           Component("vision weights", vw, not c.vision_on_cpu, f"{c.vision_precision} ONNX"
+                     + (", on the CPU" if c.vision_on_cpu else "")),
+           Component("vision activations", vis_act, not c.vision_on_cpu, f"one image, {v.seq} encoder tokens"),
            Component("llm weights", lw, True, "bundle files" if shape.bundle else
                      f"{BLOCK_BITS[(be, c.bits)]} bits/weight in the blocks"),
            Component("kv cache", kv, True, f"{kv_tokens} tokens ({image_tokens} image) x {llm.layers} layers x "

@@ -207,17 +207,29 @@ def from_bundle(bundle: Path) -> ModelShape:
         "vision_bytes": sum(vision_files.values()), "files": {f: r["bytes"] for f, r in m.files.items()}})
 
 
-def source_shapes(src) -> tuple[dict, dict]:
-    """(vision shape, LLM shape) of a loaded SourceModel, for the manifest (export calls this)."""
+def vision_shape_of(src) -> dict:
+    """The manifest's vision.shape: parameter count of the loaded vision stack + its geometry."""
     params = sum(p.numel() for p in src.vision.parameters())
-    llm = llm_shape_from_config(src.llm.config)
-    if src.family.startswith("tinygpt"):
-        llm = LLMShape("phi2", llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.ff, llm.vocab, llm.tied)
+    geo = {"seq": 64, "width": 1280, "mlp": 1280, "heads": 1}  # a small CNN encoder (the built-in model)
     try:
         from edge_vlm.families.minigpt import FAMILIES
 
-        v = upstream_vision(src.family, llm.hidden) if src.family in FAMILIES else None
+        if src.family in FAMILIES:
+            d = src.description
+            v = upstream_vision(src.family, 0, d.get("vit_dims"), d.get("qformer_dims"))
+            geo = {k: x for k, x in vision_shape_dict(v).items() if k != "params"}
     except Exception:  # noqa: BLE001 - only the activation estimate needs the geometry
-        v = None
-    geo = vision_shape_dict(v) if v else {"seq": 64, "width": 1280, "mlp": 1280, "heads": 1}
-    return {**geo, "params": int(params)}, llm.to_dict()
+        pass
+    return {**geo, "params": int(params)}
+
+
+def llm_shape_of(src) -> dict:
+    """The manifest's llm.shape, from the loaded LLM's config."""
+    llm = llm_shape_from_config(src.llm.config)
+    if src.family.startswith("tinygpt"):
+        llm = LLMShape("phi2", llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.ff, llm.vocab, llm.tied)
+    return llm.to_dict()
+
+
+def source_shapes(src) -> tuple[dict, dict]:
+    return vision_shape_of(src), llm_shape_of(src)

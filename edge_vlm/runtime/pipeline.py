@@ -30,6 +30,9 @@ class RuntimeConfig:
     # sha256: every time; size: sizes only (catches truncation, not bit flips)
     verify: str = "once"
     exact: bool = False  # llama.cpp F32 KV cache, no flash attention (used by equality tests)
+    # same: the vision model runs where --device says; cpu: always on the CPU, so that an 8 GB GPU
+    # holds only the LLM (EVA ViT-g in fp32 is 4.4 GB; it runs once per image)
+    vision_device: str = "same"
 
 
 @dataclass
@@ -60,6 +63,12 @@ class Pipeline:
         backend = BACKENDS[m.llm.backend]
         runtime = runtime_module(backend)  # MissingPackage with the install command if its extra is absent
         plan = devices.resolve(config.device, backend.cuda_via)
+        if config.vision_device == "cpu":
+            plan.vision_providers = ["CPUExecutionProvider"]
+        elif config.vision_device != "same":
+            from edge_vlm.errors import BadInput
+
+            raise BadInput(f"vision device {config.vision_device!r}: use same or cpu")
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
         try:
             llm = runtime.open_session(bundle, m, config, plan)
