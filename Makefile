@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 BUNDLE ?= bundles/nano-q4
 LIMIT ?= 200
 
-.PHONY: setup demo test test-slow results clean
+.PHONY: setup demo test test-slow results bench nano-bundles clean
 
 $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,25 @@ test-slow: setup
 results: setup
 	$(BIN)/python benchmarks/accuracy_slice.py --limit 1000
 	$(BIN)/python benchmarks/accuracy_backends.py --redo
+
+# The built-in model across backends and bits, next to its fp32 reference (about 30 min on 2 cores):
+# benchmarks/results/nano-backends.{json,md,png}. `make nano-bundles` exports them first (~15 min).
+NANO_BUNDLES ?= bundles/nano-gguf-16 bundles/nano-gguf-8 bundles/nano-gguf-4 bundles/nano-q4_1 bundles/nano-onnx-8 \
+	bundles/nano-onnx-4 bundles/nano-gptq-8-image bundles/nano-gptq-4-image bundles/nano-bnb-8 bundles/nano-bnb-4
+nano-bundles: setup
+	$(BIN)/edge-vlm export --backend gguf --bits 16 -o bundles/nano-gguf-16 --force
+	$(BIN)/edge-vlm export --backend gguf --bits 8 -o bundles/nano-gguf-8 --force
+	$(BIN)/edge-vlm export --backend gguf --bits 4 -o bundles/nano-gguf-4 --force
+	$(BIN)/edge-vlm export --backend gguf --quant Q4_1 -o bundles/nano-q4_1 --force
+	$(BIN)/edge-vlm export --backend onnx --bits 8 -o bundles/nano-onnx-8 --force
+	$(BIN)/edge-vlm export --backend onnx --bits 4 -o bundles/nano-onnx-4 --force
+	$(BIN)/edge-vlm export --backend gptq --bits 8 -o bundles/nano-gptq-8-image --force
+	$(BIN)/edge-vlm export --backend gptq --bits 4 -o bundles/nano-gptq-4-image --force
+	$(BIN)/edge-vlm export --backend bnb --bits 8 -o bundles/nano-bnb-8 --force
+	$(BIN)/edge-vlm export --backend bnb --bits 4 -o bundles/nano-bnb-4 --force
+
+bench: setup
+	$(BIN)/edge-vlm bench $(NANO_BUNDLES) --reference nano --dataset easy-vqa --limit 200 --runs 5 --name nano-backends
 
 clean:
 	rm -rf bundles .cache build *.egg-info

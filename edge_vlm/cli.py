@@ -261,8 +261,12 @@ def cmd_export(a):
              "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint, "llm_dtype": a.llm_dtype,
              **{k: str(Path(getattr(a, k)).resolve()) for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
     upstream.update({k: v for k, v in given.items() if v is not None})
-    if upstream and "family" not in upstream:
-        raise BadInput(f"--{' --'.join(sorted(upstream))} need --family (or --family auto)")
+    files = {"vit", "qformer", "ckpt", "llm"} & set(upstream)
+    if files and "family" not in upstream:  # without files, the flags override a SOURCE's description
+        raise BadInput(f"--{' --'.join(sorted(files))} need --family (or --family auto)")
+    if upstream and "family" not in upstream and not (a.source or fields.get("source")):
+        raise BadInput(f"--{' --'.join(sorted(k.replace('_', '-') for k in upstream))} apply to an upstream "
+                       "family: give --family with its files, or a SOURCE folder")
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
              "group_size": a.group_size, "accuracy_level": a.accuracy_level, "int4_method": a.int4_method,
              "calibration": a.calibration,

@@ -382,3 +382,25 @@ def test_llama_sentencepiece_tokenizer_goes_into_the_gguf(upstream_source, tmp_p
     emb = ur.image_embeddings("minigpt4", vit, blip2, ckpt, torch.from_numpy(pixels), d[0]["depth"], d[0]["heads"],
                               d[1]["layers"], d[1]["heads"])[0]
     assert got == ur.greedy(ur.UpstreamLLM("minigpt4", llm_dir, ckpt), before, emb, after, N_NEW)
+
+
+def test_fp16_llm_export_writes_f16_gguf_and_records_the_reference(upstream_source, tmp_path, capsys):
+    """--llm-dtype float16 (how a 7B export fits in 24 GB): the LLM loads after the vision export,
+    in fp16; the GGUF's matrices are written as F16 directly; the bundle validates against the fp16
+    reference and says so."""
+    import gguf
+
+    from edge_vlm.cli import main
+    from edge_vlm.manifest import load_manifest
+
+    out = tmp_path / "b16"
+    assert main(["export", str(upstream_source("minigpt4")), "--llm-dtype", "float16", "--bits", "16",
+                 "-o", str(out)]) == 0
+    m = load_manifest(out)
+    assert m.source["llm_dtype"] == "float16" and m.validation["llm"]["top1_agreement"] == 1.0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(out / m.llm.file)).tensors}
+    assert types == {"F16", "F32"}
+    assert main(["export", str(upstream_source("minigpt4")), "--llm-dtype", "float16", "--quant", "F32",
+                 "-o", str(tmp_path / "b32")]) == 2  # widening fp16 to F32 is refused, with the fix
+    assert "--llm-dtype float32" in capsys.readouterr().err
+    assert main(["export", "--llm-dtype", "float16", "-o", str(tmp_path / "c")]) == 2  # no source, no family

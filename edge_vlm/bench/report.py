@@ -61,24 +61,30 @@ def plot(res: dict, path: Path) -> Path | None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
     quality = "accuracy" if any(t.get("accuracy") for t in ts) else "greedy agreement"
-    for t in ts:
+    colors = plt.get_cmap("tab10" if len(ts) <= 10 else "tab20")
+    for i, t in enumerate(ts):
+        color = colors(i % colors.N)
         x = (t.get("memory") or {}).get("peak_rss_mb")
         y = t["latency"]["e2e_ms"]["median"]
         lo, hi = t["latency"]["e2e_ms"]["min"], t["latency"]["e2e_ms"]["max"]
         if x is not None:
-            a.errorbar(x / 1024, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
+            a.errorbar(x / 1024, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, color=color)
             a.annotate(t["label"], (x / 1024, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         q = (t.get("accuracy") or {}).get("accuracy") if quality == "accuracy" else \
             (t.get("fidelity") or {}).get("greedy_agreement", 1.0 if t["kind"] == "reference" else None)
         if q is not None:
-            b.plot(y, 100 * q, "o")
+            b.plot(y, 100 * q, "o", color=color)
             b.annotate(t["label"], (y, 100 * q), textcoords="offset points", xytext=(5, 4), fontsize=8)
     n = res["config"]["max_new_tokens"]
     a.set(xlabel="peak RSS (GiB, fresh process)", ylabel=f"end-to-end ms (image + {n} tokens)",
           title="latency vs memory (median, min–max)")
     b.set(xlabel=f"end-to-end ms (image + {n} tokens)", ylabel=f"{quality} (%)", title=f"{quality} vs latency")
+    e2e = [t["latency"]["e2e_ms"]["median"] for t in ts]
+    if max(e2e) > 10 * min(e2e):  # backends differ by orders of magnitude on CPU
+        a.set_yscale("log")
+        b.set_xscale("log")
     for ax in (a, b):
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"{res['name']} — {res['machine']['cpu']}, {res['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -158,8 +158,8 @@ def fidelity_inputs(cfg: BenchConfig, image: str) -> list[tuple[str, str]]:
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from edge_vlm.bench import bandwidth, machine
-    from edge_vlm.data import load_questions, normalize_answer
+    from edge_vlm.bench import bandwidth
+    from edge_vlm.data import load_questions
 
     if cfg.runs < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 2:
         raise BadInput("--runs must be >= 1, --warmup >= 0 and --max-new-tokens >= 2 (decode speed needs 2 tokens)")

@@ -23,9 +23,9 @@ MB = 2**20
 # alone: 63 MB gguf/onnx, 271 MB torch + transformers, 388 MB + bitsandbytes, 568 MB + gptqmodel),
 # plus sessions, tokenizer, thread pools and allocator caches. Calibrated on the built-in model's
 # bundles on this machine (2-core Xeon): measured peak RSS minus the weights, KV and buffers the
-# model below predicts, per backend (`edge-vlm bench bundles/nano-* --reference nano`; the raw
-# figures are in benchmarks/results/nano-backends.json). Full-size models check it out of sample.
-RUNTIME_MB = {"gguf": 165, "onnx": 275, "torch": 637, "bnb": 580, "gptq": 820}
+# model below predicts, per backend (`make bench`; raw figures in benchmarks/results/nano-backends.json).
+# The full-size TinyGPT-V and MiniGPT-4-7B runs check the model out of sample (README).
+RUNTIME_MB = {"gguf": 165, "onnx": 275, "torch": 425, "bnb": 540, "gptq": 820}
 
 # Bits per weight of the decoder blocks' matrices as each backend stores them.
 BLOCK_BITS = {
@@ -55,7 +55,14 @@ CUDA_CONTEXT_MB = 300  # CUDA context + cuBLAS workspace per process (typical; n
 # Loading holds a file's bytes twice for a moment: onnxruntime reads the protobuf (and external
 # data) before building its tensors; transformers/torch.load read a shard before converting it.
 # Fractions of the weights, calibrated against measured peaks (bench results, README).
-LOAD_EXTRA = {"vision": 0.0, "gguf": 0.0, "onnx": 0.0, "gptq": 0.0, "bnb": 0.0, "torch": 0.0}
+# The torch reference reads fp16 source files (ViT .pth, LLM shards) through mmap while it builds
+# its fp32 modules: 0.35 x the fp32 weights on top at the peak, measured alike on the built-in model
+# (190 of 542 MB) and on full-size TinyGPT-V (5.2 of 14.8 GB). The bundles' runtimes load in place.
+LOAD_EXTRA = {"vision": 0.0, "gguf": 0.0, "onnx": 0.0, "gptq": 0.0, "bnb": 0.0, "torch": 0.35}
+# bitsandbytes' CPU backend converts its weights on the first forward: measured, nf4 and int8 bundles
+# alike end up holding about one byte per block weight plus the fp32 embeddings/head (TinyGPT-V: 3.5
+# and 3.2 GB for 2.35/3.57 GB files). On CUDA its kernels use the packed weights as stored.
+BNB_CPU_BLOCK_BYTES = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,10 @@ class Component:
 
 
 def llm_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
+    if c.backend == "bnb" and not c.on_gpu:
+        llm = shape.llm
+        head = llm.head_params
+        return int(llm.block_matrix_params * BNB_CPU_BLOCK_BYTES + (llm.embed_params + head) * 4 + llm.other_params * 4)
     if shape.bundle and shape.bundle.get("backend") == c.backend and shape.bundle.get("bits") in (c.bits, None):
         return int(shape.bundle["llm_weight_bytes"])
     llm = shape.llm
@@ -126,13 +137,14 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
            Component("vision weights", vw, not c.vision_on_cpu, f"{c.vision_precision} ONNX"
                      + (", on the CPU" if c.vision_on_cpu else "")),
            Component("vision activations", vis_act, not c.vision_on_cpu, f"one image, {v.seq} encoder tokens"),
-           Component("llm weights", lw, True, "bundle files" if shape.bundle else
+           Component("llm weights", lw, True, "as bitsandbytes holds them on CPU (~1 byte per block weight)"
+                     if be == "bnb" and not c.on_gpu else "bundle files" if shape.bundle else
                      f"{BLOCK_BITS[(be, c.bits)]} bits/weight in the blocks"),
            Component("kv cache", kv, True, f"{kv_tokens} tokens ({image_tokens} image) x {llm.layers} layers x "
                                            f"{llm.kv_dim} x {KV_BYTES[be]} B x 2"),
            Component("compute buffers", compute, True, "one prefill batch"),
-           Component("load transient", int(LOAD_EXTRA[be] * lw + LOAD_EXTRA["vision"] * vw), False,
-                     "file bytes held twice while loading")]
+           Component("load transient", int(LOAD_EXTRA[be] * (lw + vw)), False,
+                     "source files mapped while loading" if LOAD_EXTRA[be] else "")]
     if c.on_gpu:
         out.append(Component("cuda context", CUDA_CONTEXT_MB * MB, True, "assumed (not measured here)"))
     return out
