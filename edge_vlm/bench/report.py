@@ -23,7 +23,7 @@ def markdown(res: dict) -> str:
              f"{bw['gb_s']} GB/s ({bw['method']}, {bw['threads']} threads). Speed ratios are to **{base}**.",
              "",
              "| target | LLM | bundle MB | vision ms | TTFT ms | prefill tok/s | decode tok/s | e2e ms | "
-             "e2e speedup | decode / BW limit | peak RSS MB | planner | greedy agree | KL | vision cos min | accuracy |",
+             "e2e speedup | decode / BW limit | peak RSS MiB | planner | greedy agree | KL | vision cos min | accuracy |",
              "|" + "---|" * 16]
     for t in res["targets"]:
         lat = t.get("latency", {})

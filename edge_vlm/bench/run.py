@@ -51,10 +51,7 @@ class Worker:
         if "error" in msg:
             self.kill()
             err = BenchError(f"{self.spec.label}: {msg['error']}" + (f"\n{msg['trace']}" if msg.get("trace") else ""))
-            if msg.get("edge_vlm_error"):
-                err.exit_code = {"BadInput": 2, "BadImage": 2, "ContextOverflow": 2, "BundleError": 3,
-                                 "EmbeddingSizeMismatch": 3, "SourceError": 4, "CheckpointMismatch": 4,
-                                 "MissingPackage": 1, "DeviceUnavailable": 6}.get(msg["type"], 5)
+            err.exit_code = msg.get("exit_code", 5)  # the worker's edge-vlm error keeps its exit code
             raise err
         return msg
 
@@ -68,7 +65,10 @@ class Worker:
 
     def close(self) -> dict:
         out = self.call("exit")
-        self.proc.wait(timeout=120)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.kill()
         self._log.close()
         return out
 
@@ -96,7 +96,8 @@ def targets_for(cfg: BenchConfig) -> list[TargetSpec]:
     out = []
     if cfg.reference:
         dt = {"float32": "fp32", "float16": "fp16"}[cfg.reference_dtype]
-        out.append(TargetSpec(f"torch {dt} ({Path(cfg.reference).name})", "reference", cfg.reference,
+        where = ", CPU" if cfg.device != "cpu" else ""  # the torch reference always runs on the CPU
+        out.append(TargetSpec(f"torch {dt} ({Path(cfg.reference).name}{where})", "reference", cfg.reference,
                               cfg.device, cfg.threads, cfg.n_ctx, cfg.vision_device, cfg.reference_dtype))
     labels = list(cfg.labels) or [Path(b).name for b in cfg.bundles]
     if len(labels) != len(cfg.bundles):
@@ -111,7 +112,7 @@ def targets_for(cfg: BenchConfig) -> list[TargetSpec]:
     return out
 
 
-def predict(spec: TargetSpec, tokens: int, resident: bool = False) -> dict | None:
+def predict(spec: TargetSpec, tokens: int, resident: bool = False) -> dict:
     """The planner's peak RSS for this target as the bench runs it (CPU), or None if it cannot say."""
     from edge_vlm.plan import memory, shapes
 
@@ -125,7 +126,7 @@ def predict(spec: TargetSpec, tokens: int, resident: bool = False) -> dict | Non
             bits = 16 if spec.llm_dtype == "float16" else 32
             choice = memory.RunChoice("torch", bits, "fp32", spec.n_ctx, 1, tokens, resident=resident)
         return memory.peak_rss_prediction(shape, choice)
-    except (EdgeVLMError, KeyError, ValueError, OSError) as e:
+    except (EdgeVLMError, KeyError, TypeError, ValueError, OSError) as e:
         return {"predicted_mb": None, "why": str(e)}
 
 
@@ -156,21 +157,33 @@ def fidelity_inputs(cfg: BenchConfig, image: str) -> list[tuple[str, str]]:
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    from edge_vlm.bench import bandwidth
     from edge_vlm.data import load_questions
 
     if cfg.runs < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 2:
         raise BadInput("--runs must be >= 1, --warmup >= 0 and --max-new-tokens >= 2 (decode speed needs 2 tokens)")
+    if cfg.fidelity_cases < 0 or cfg.fidelity_tokens < 1 or (cfg.dataset and cfg.limit < 1):
+        raise BadInput("--fidelity-cases must be >= 0, --fidelity-tokens >= 1 and --limit >= 1")
     if cfg.mode not in ("auto", "interleaved", "sequential"):
         raise BadInput(f"--mode {cfg.mode!r}: use auto, interleaved or sequential")
     specs = targets_for(cfg)
     questions = load_questions(cfg.dataset, cfg.split, cfg.limit, seed=0) if cfg.dataset else []
-    tmp = Path(tempfile.mkdtemp(prefix="edge-vlm-bench-"))
-    image = cfg.image or default_image(tmp)
     if cfg.image and not Path(cfg.image).is_file():
         raise BadInput(f"--image {cfg.image}: no such file")
+    tmp = Path(tempfile.mkdtemp(prefix="edge-vlm-bench-"))
+    try:
+        return _run(cfg, specs, questions, tmp, progress)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(cfg: BenchConfig, specs, questions, tmp: Path, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from edge_vlm.bench import bandwidth
+
+    image = cfg.image or default_image(tmp)
     cases = fidelity_inputs(cfg, image) if cfg.reference and cfg.fidelity_cases else []
     tokens = 64 + 256 + cfg.max_new_tokens  # an upper bound on the tokens a run uses (text + image + new)
     predictions = {s.label: predict(s, tokens) for s in specs} if cfg.planner else {}
@@ -218,6 +231,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                     elif mine:
                         from edge_vlm.bench.fidelity import compare
 
+                        if any(r["embeds"].shape != t["embeds"].shape for r, t in zip(ref_cases, mine)):
+                            raise BadInput(f"{w.spec.label}'s image embeddings have shape {mine[0]['embeds'].shape}, "
+                                           f"the reference's {ref_cases[0]['embeds'].shape}: the bundle was not "
+                                           "exported from --reference's source")
                         fidelity[w.spec.label] = compare([
                             {"ref_tokens": r["tokens"], "test_tokens": t["tokens"], "ref_logits": r["logits"],
                              "test_logits": t["logits"], "ref_embeds": r["embeds"], "test_embeds": t["embeds"]}
@@ -236,11 +253,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                     w.kill()
     finally:
         bar.close()
-    res = assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, image, cases)
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    return res
+    return assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, image, cases)
 
 
 def assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, image, cases) -> dict:

@@ -3,7 +3,7 @@
     python -m edge_vlm.bench.worker '<TargetSpec as JSON>'
 
 A fresh process per target is what makes its peak RSS mean something: the figure is this
-process's `ru_maxrss`, loading included. The orchestrator (run.py) sends one request per line:
+process's RSS high-water mark (VmHWM), loading included. The orchestrator (run.py) sends one request per line:
 
     {"op": "latency", "image": PATH, "prompt": TEXT, "max_new_tokens": N}
     {"op": "fidelity", "image": PATH, "prompt": TEXT, "n_tokens": N, "teacher": [ids] | null, "out": PREFIX}
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHT_SUFFIXES = (".gguf", ".onnx", ".data", ".onnx_data", ".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".gguf", ".onnx", ".data", ".safetensors", ".bin")
 
 
 def peak_rss_mb() -> float:
@@ -38,7 +37,8 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def current_rss_mb() -> float:
@@ -87,11 +87,20 @@ class Target:
         return self._embed(px)
 
     def _bundle_llm_bytes(self) -> int:
-        """Bytes of LLM weights in the bundle (the token-embedding .npy of onnx bundles is not read
-        whole per token, so it is not counted)."""
+        """Bytes of LLM weights read per token: the bundle's LLM files minus an untied input-embedding
+        table (one row is read per token; onnx keeps it in a separate .npy, not counted at all)."""
         m, name = self.pipe.manifest, self.pipe.manifest.llm.file
-        return sum(r["bytes"] for f, r in m.files.items()
-                   if (f == name or f.startswith(name + "/")) and f.endswith(WEIGHT_SUFFIXES))
+        total = sum(r["bytes"] for f, r in m.files.items()
+                    if (f == name or f.startswith(name + "/")) and f.endswith(WEIGHT_SUFFIXES))
+        try:
+            from edge_vlm.plan.memory import input_embedding_bytes
+            from edge_vlm.plan.shapes import from_bundle
+
+            shape = from_bundle(Path(self.spec["path"]))
+            total -= input_embedding_bytes(shape, m.llm.backend, shape.bundle["bits"] or 16)
+        except Exception:  # noqa: BLE001 - an older bundle without shapes: the upper bound (files) stays
+            pass
+        return total
 
     def _torch_llm_bytes(self) -> int:
         model = self.pipe.src.llm
@@ -102,17 +111,9 @@ class Target:
         return total
 
     def describe(self) -> dict:
-        from edge_vlm.runtime.llm_gguf import LLAMA_LOG
-
-        buffers = {}
-        for line in LLAMA_LOG:  # llama.cpp reports what it allocated: the planner is checked against it
-            m = re.search(r"(\w+) (compute|KV) buffer size =\s*([\d.]+) MiB", line)
-            if m:
-                key = f"llama_{m.group(2).lower()}_buffer_mb"
-                buffers[key] = buffers.get(key, 0.0) + float(m.group(3))
         return {"load_s": round(self.load_s, 2), "rss_after_load_mb": round(current_rss_mb(), 1),
                 "peak_rss_after_load_mb": round(peak_rss_mb(), 1), "llm_weight_bytes": int(self.llm_weight_bytes),
-                "n_ctx": int(self.llm.n_ctx), "n_embd": int(self.llm.n_embd), **buffers}
+                "n_ctx": int(self.llm.n_ctx), "n_embd": int(self.llm.n_embd)}
 
     def close(self):
         self.pipe.close()
@@ -181,7 +182,7 @@ def _error(e: BaseException) -> dict:
     from edge_vlm.errors import EdgeVLMError
 
     return {"error": str(e) or type(e).__name__, "type": type(e).__name__,
-            "edge_vlm_error": isinstance(e, EdgeVLMError),
+            "exit_code": e.exit_code if isinstance(e, EdgeVLMError) else 5,
             "trace": "" if isinstance(e, EdgeVLMError) else traceback.format_exc(limit=6)}
 
 

@@ -203,6 +203,7 @@ def export_llm(ctx):
 
     from edge_vlm.export import llm_validate
     from edge_vlm.manifest import LLMSpec
+    from edge_vlm.plan.shapes import gguf_bits
     from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
 
     cfg, src = ctx.cfg, ctx.src
@@ -230,5 +231,5 @@ def export_llm(ctx):
                                                            sentencepiece=bool(spm))
     spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
                    n_ctx_train=ctx.llm_config.max_position_embeddings,
-                   quant={"requested": quant, "method": "llama.cpp", **mix})
+                   quant={"requested": quant, "bits": gguf_bits(quant), "method": "llama.cpp", **mix})
     return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

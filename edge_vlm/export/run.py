@@ -180,6 +180,9 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         from edge_vlm.export import llm_gguf
 
         llm_gguf.quant_ftype(cfg.gguf_quant())
+        if cfg.gguf_quant().upper() == "F32" and (cfg.upstream or {}).get("llm_dtype") == "float16":
+            raise BadInput("--quant F32 from an fp16-loaded LLM would only widen fp16 values: use --bits 16 (F16), "
+                           "or load the LLM with --llm-dtype float32")
     source_root, _ = describe_source(cfg.source, cfg.upstream)  # a missing source fails before any work
     bar = tqdm(total=len(COMMON_STAGES) + 1, desc="export", unit="stage", disable=not progress)
     begun = []

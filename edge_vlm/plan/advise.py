@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from edge_vlm.plan.devices import Device
-from edge_vlm.plan.memory import MB, Component, RunChoice, components, total
+from edge_vlm.plan.memory import GIB, MB, Component, RunChoice, components, total
 from edge_vlm.plan.shapes import ModelShape
 
 CONTEXTS = (4096, 2048, 1024, 512)
@@ -53,8 +53,8 @@ def candidates(shape: ModelShape, backends: dict[int, str], n_ctx: int, images: 
 
 def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[RunChoice]) -> str:
     if requested.fits:
-        return (f"fits: needs {requested.needed / 1e9:.2f} GB of {requested.usable / 1e9:.2f} GB usable on "
-                f"{device.title}, {requested.room / 1e9:.2f} GB to spare")
+        return (f"fits: needs {requested.needed / GIB:.2f} GiB of {requested.usable / GIB:.2f} GiB usable on "
+                f"{device.title}, {requested.room / GIB:.2f} GiB to spare")
     for c in options:
         f = fit(shape, device, c)
         if f.fits:
@@ -67,10 +67,10 @@ def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[Run
                 changes.append("--vision-device cpu (the vision model in host RAM)")
             if c.vision_precision != requested.choice.vision_precision:
                 changes.append(f"a {c.vision_precision} vision model")
-            return (f"does not fit: needs {requested.needed / 1e9:.2f} GB, {device.title} has "
-                    f"{requested.usable / 1e9:.2f} GB usable. Choose {' and '.join(changes)}: "
-                    f"{f.needed / 1e9:.2f} GB, {f.room / 1e9:.2f} GB to spare")
+            return (f"does not fit: needs {requested.needed / GIB:.2f} GiB, {device.title} has "
+                    f"{requested.usable / GIB:.2f} GiB usable. Choose {' and '.join(changes)}: "
+                    f"{f.needed / GIB:.2f} GiB, {f.room / GIB:.2f} GiB to spare")
     smallest = min((fit(shape, device, c) for c in options), key=lambda f: f.needed, default=requested)
-    return (f"does not fit: needs {requested.needed / 1e9:.2f} GB, {device.title} has {requested.usable / 1e9:.2f} GB "
-            f"usable, and even {smallest.choice.label()} needs {smallest.needed / 1e9:.2f} GB: choose a device "
+    return (f"does not fit: needs {requested.needed / GIB:.2f} GiB, {device.title} has {requested.usable / GIB:.2f} GiB "
+            f"usable, and even {smallest.choice.label()} needs {smallest.needed / GIB:.2f} GiB: choose a device "
             f"with more memory")

@@ -1,6 +1,7 @@
 """The devices `edge-vlm plan --device` knows. One row each, with where its figures come from.
 
-`memory_gb` is the device's memory (decimal GB as vendors quote it; converted to bytes exactly).
+`memory_gb` is the device's memory as vendors quote it, which for these parts is GiB (an "8 GB"
+card or module holds 8 x 2^30 bytes); everything the planner prints is GiB.
 `reserved_gb` is what the model cannot have: on a desktop GPU the CUDA context and a display
 (assumed 0.5 GB, not measured here: this machine has no GPU); on a Jetson the OS and its
 services share the same unified memory (assumed 1.5 GB on a headless JetPack); on a CPU
@@ -26,7 +27,7 @@ class Device:
 
     @property
     def usable_bytes(self) -> int:
-        return int((self.memory_gb - self.reserved_gb) * 1e9)
+        return int((self.memory_gb - self.reserved_gb) * 2**30)
 
 
 GEFORCE = "https://www.nvidia.com/en-us/geforce/graphics-cards/"
@@ -61,12 +62,16 @@ def get_device(name: str, reserve_gb: float | None = None) -> Device:
         try:
             gb = float(raw)
         except ValueError:
-            raise BadInput(f"--device {name}: write cpu:N with N the RAM in GB (cpu:24)") from None
-        if gb <= 0:
-            raise BadInput(f"--device {name}: the RAM must be positive")
+            gb = float("nan")
+        if not (gb > 0 and gb < 1e6):  # also nan and inf
+            raise BadInput(f"--device {name}: write cpu:N with N the RAM in GiB (cpu:24)")
         dev = Device(f"cpu-{raw}gb", f"CPU only, {raw} GB RAM", "cpu", gb, 1.0, None, "given on the command line")
     elif key in DEVICES:
         dev = DEVICES[key]
     else:
         raise BadInput(f"unknown device {name!r}; known: {', '.join(DEVICES)}, or cpu:N (N GB of RAM)")
-    return replace(dev, reserved_gb=reserve_gb) if reserve_gb is not None else dev
+    if reserve_gb is not None:
+        if not 0 <= reserve_gb < dev.memory_gb:
+            raise BadInput(f"--reserve {reserve_gb}: must be at least 0 and less than the device's {dev.memory_gb:g} GiB")
+        dev = replace(dev, reserved_gb=reserve_gb)
+    return dev

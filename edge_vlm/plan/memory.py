@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from edge_vlm.plan.shapes import ModelShape
 
 MB = 2**20
+GIB = 2**30
 
 # What a loaded runtime holds besides the model's tensors: Python and the libraries (import
 # alone: 63 MB gguf/onnx, 271 MB torch + transformers, 388 MB + bitsandbytes, 568 MB + gptqmodel),
@@ -81,7 +82,7 @@ class RunChoice:
     vision_on_cpu: bool = False  # `--vision-device cpu`: the vision model in host RAM, the LLM alone on the GPU
 
     def label(self) -> str:
-        b = "torch fp32" if self.backend == "torch" else f"{self.backend} {self.bits}-bit"
+        b = f"torch fp{self.bits}" if self.backend == "torch" else f"{self.backend} {self.bits}-bit"
         where = " on the CPU" if self.vision_on_cpu else ""
         return f"{b}, vision {self.vision_precision}{where}, n_ctx {self.n_ctx}, {self.images} image(s)"
 
@@ -92,6 +93,17 @@ class Component:
     bytes: int
     on_device: bool  # in GPU memory when the run is on a GPU (else host RAM)
     note: str = ""
+
+
+def input_embedding_bytes(shape: ModelShape, backend: str, bits: int) -> int:
+    """Bytes of an untied input-embedding table as the backend stores it (one row is read per token,
+    so it does not count in bytes read per token); 0 when it is tied to the output head."""
+    llm = shape.llm
+    if llm.tied:
+        return 0
+    emb = EMBED_BITS.get(backend)
+    emb = emb if emb is not None else BLOCK_BITS.get((backend, bits), 16.0)
+    return int(llm.embed_params * emb / 8)
 
 
 def llm_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
@@ -123,9 +135,10 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
     image_tokens = v.image_tokens * c.images
     used = min(c.n_ctx, c.tokens if c.tokens is not None else c.n_ctx)
     kv_tokens = c.n_ctx if be == "gguf" and not c.resident else used  # llama.cpp allocates the context up front
-    kv = 2 * llm.layers * kv_tokens * llm.kv_dim * KV_BYTES[be] * KV_COPIES.get(be, 1)
+    kv_bytes = 2 if be == "torch" and c.bits == 16 else KV_BYTES[be]
+    kv = 2 * llm.layers * kv_tokens * llm.kv_dim * kv_bytes * KV_COPIES.get(be, 1)
     prefill = min(used, image_tokens + TEXT_TOKENS)
-    act_bytes = 4 if be != "gptq" else 2
+    act_bytes = 2 if be == "gptq" or (be == "torch" and c.bits == 16) else 4
     if be == "gguf" and not c.resident:  # llama.cpp reserves its graph for a full ubatch
         ub = min(LLAMA_UBATCH, c.n_ctx)
         compute = 4 * ub * (llm.vocab + 2 * llm.ff + 4 * llm.hidden) + 4 * ub * llm.heads * min(c.n_ctx, ub)
@@ -141,7 +154,7 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
                      if be == "bnb" and not c.on_gpu else "bundle files" if shape.bundle else
                      f"{BLOCK_BITS[(be, c.bits)]} bits/weight in the blocks"),
            Component("kv cache", kv, True, f"{kv_tokens} tokens ({image_tokens} image) x {llm.layers} layers x "
-                                           f"{llm.kv_dim} x {KV_BYTES[be]} B x 2"),
+                                           f"{llm.kv_dim} x {kv_bytes} B x 2"),
            Component("compute buffers", compute, True, "one prefill batch"),
            Component("load transient", int(LOAD_EXTRA[be] * (lw + vw)), False,
                      "source files mapped while loading" if LOAD_EXTRA[be] else "")]

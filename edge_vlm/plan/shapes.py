@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_vlm.errors import BadInput
+from edge_vlm.errors import BadInput, BundleError
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,17 @@ def from_source(source: str) -> ModelShape:
     return ModelShape(desc.get("name") or root.name, vision, llm)
 
 
+def gguf_bits(quant: str | None) -> int | None:
+    """llama.cpp type name -> nominal bits (Q4_K_M -> 4, Q8_0 -> 8, F16 -> 16)."""
+    if not quant:
+        return None
+    q = quant.upper()
+    if q.startswith(("F", "BF")):
+        return int("".join(ch for ch in q if ch.isdigit()) or 32)
+    digits = "".join(ch for ch in q.split("_")[0] if ch.isdigit())
+    return int(digits) if digits else None
+
+
 def vision_shape_dict(v: VisionShape) -> dict:
     return {"params": v.params, "seq": v.seq, "width": v.width, "mlp": v.mlp, "heads": v.heads}
 
@@ -185,7 +196,7 @@ def from_bundle(bundle: Path) -> ModelShape:
 
     m = load_manifest(bundle)
     if m.llm.shape:
-        llm = LLMShape(**m.llm.shape)
+        llm = dict(m.llm.shape)
         vis = dict(m.vision.shape) or {"params": 0, "seq": 64, "width": 1280, "mlp": 1280, "heads": 1}
     else:
         path = m.source.get("path")
@@ -200,9 +211,15 @@ def from_bundle(bundle: Path) -> ModelShape:
     name = m.llm.file
     weights = {f: r["bytes"] for f, r in m.files.items() if (f == name or f.startswith(name + "/"))
                and f.endswith((".gguf", ".onnx", ".data", ".safetensors", ".bin"))}
-    vision = VisionShape(image_tokens=m.vision.n_image_tokens, file_bytes=sum(vision_files.values()), **vis)
+    try:
+        vision = VisionShape(image_tokens=m.vision.n_image_tokens, file_bytes=sum(vision_files.values()), **vis)
+        llm = llm if isinstance(llm, LLMShape) else LLMShape(**llm)
+    except TypeError as e:
+        raise BundleError(f"{bundle}: the manifest's vision.shape / llm.shape is not what this edge-vlm reads ({e}): "
+                          "export the bundle again with this version") from e
     return ModelShape(m.source.get("name") or Path(bundle).name, vision, llm, bundle={
-        "backend": m.llm.backend, "bits": m.llm.quant.get("bits"), "quant": m.llm.quant,
+        "backend": m.llm.backend, "bits": m.llm.quant.get("bits") or gguf_bits(m.llm.quant.get("requested")),
+        "quant": m.llm.quant,
         "vision_precision": m.vision.precision, "llm_weight_bytes": sum(weights.values()),
         "vision_bytes": sum(vision_files.values()), "files": {f: r["bytes"] for f, r in m.files.items()}})
 
