@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibration folder in easy-VQA's format (default calibration_data/easy-vqa-sample)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="device the bundle is for (backend auto skips backends that cannot run there)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
+                        "for models whose logits carry no signal, such as edge-vlm synth's random weights")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
@@ -274,7 +277,10 @@ def cmd_export(a):
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
     fields.update({k: v for k, v in flags.items() if v is not None})
-    out = run(ExportConfig(**fields, upstream=upstream, out=a.out, force=a.force, threads=a.threads, device=a.device),
+    if a.min_agreement is not None and not 0 <= a.min_agreement <= 1:
+        raise BadInput(f"--min-agreement {a.min_agreement}: a fraction between 0 and 1")
+    out = run(ExportConfig(**fields, upstream=upstream, out=a.out, force=a.force, threads=a.threads, device=a.device,
+                           min_agreement=a.min_agreement),
               progress=not a.json)
     m = load_manifest(out)
     if a.json:

@@ -404,3 +404,16 @@ def test_fp16_llm_export_writes_f16_gguf_and_records_the_reference(upstream_sour
                  "-o", str(tmp_path / "b32")]) == 2  # widening fp16 to F32 is refused, with the fix
     assert "--llm-dtype float32" in capsys.readouterr().err
     assert main(["export", "--llm-dtype", "float16", "-o", str(tmp_path / "c")]) == 2  # no source, no family
+
+
+def test_min_agreement_override_is_recorded(upstream_source, tmp_path, capsys):
+    """Random-weight full-size models (edge-vlm synth) have near-tied logits that 4-bit noise flips:
+    --min-agreement replaces the backend's floor, and the bundle says it did."""
+    from edge_vlm.cli import main
+    from edge_vlm.manifest import load_manifest
+
+    out = tmp_path / "q4"
+    assert main(["export", str(upstream_source("minigpt4")), "--bits", "4", "--min-agreement", "0", "-o", str(out)]) == 0
+    v = load_manifest(out).validation["llm"]
+    assert v["floor_overridden"]["used"] == 0 and v["floor_overridden"]["backend_floor"] > 0
+    assert main(["export", str(upstream_source("minigpt4")), "--min-agreement", "1.5", "-o", str(tmp_path / "x")]) == 2

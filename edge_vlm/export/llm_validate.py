@@ -114,6 +114,10 @@ def validate_llm(ctx, session, what: str, floor: tuple[str, float] | None, token
                                              ctx.image_embeds)
     finally:
         session.close()
+    override = getattr(ctx.cfg, "min_agreement", None)
+    if floor and override is not None:
+        agreement["floor_overridden"] = {"metric": floor[0], "backend_floor": floor[1], "used": override}
+        floor = (floor[0], override)
     if floor:
         check_agreement(what, agreement, floor[1], floor[0])
     return tok, agreement

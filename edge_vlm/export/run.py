@@ -27,6 +27,10 @@ class ExportConfig:
     force: bool = False
     threads: int = 0
     n_validate_tokens: int = 16
+    # replaces the backend's quantized-agreement floor (recorded in the manifest). For models whose
+    # logits carry no signal, e.g. `edge-vlm synth`'s random weights, where 4-bit noise flips near-tied
+    # tokens; the check still runs and its result is in the bundle.
+    min_agreement: float | None = None
 
     def gguf_quant(self) -> str:
         from edge_vlm.export.llm_gguf import BITS_TO_QUANT

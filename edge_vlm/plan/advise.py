@@ -43,12 +43,13 @@ def fit(shape: ModelShape, device: Device, c: RunChoice) -> Fit:
 
 def candidates(shape: ModelShape, backends: dict[int, str], n_ctx: int, images: int,
                vision_precisions=("fp32",), vision_cpu=(False, True)) -> list[RunChoice]:
-    """Most faithful first: more bits, full vision precision, the requested context, then smaller
-    ones; at each, the vision model on the GPU, then on the CPU (only discrete GPUs gain from it)."""
+    """In order of preference: the requested context before smaller ones (a user asked for it), then
+    more bits, full vision precision, the vision model on the GPU before the CPU (only discrete GPUs
+    gain from moving it)."""
     min_ctx = shape.vision.image_tokens * images + 256
     ctxs = [n_ctx] + [x for x in CONTEXTS if x < n_ctx and x >= min_ctx]
-    return [RunChoice(backends[b], b, vp, ctx, images, vision_on_cpu=vc) for b in sorted(backends, reverse=True)
-            for vp in vision_precisions for ctx in ctxs for vc in vision_cpu]
+    return [RunChoice(backends[b], b, vp, ctx, images, vision_on_cpu=vc) for ctx in ctxs
+            for b in sorted(backends, reverse=True) for vp in vision_precisions for vc in vision_cpu]
 
 
 def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[RunChoice]) -> str:

@@ -93,7 +93,7 @@ def plan_command(a) -> tuple[dict, str]:
     kind = {"gpu": "VRAM", "unified": "unified memory", "cpu": "RAM"}[device.kind]
     head = (f"{shape.name} on {device.title}: {device.usable_bytes / GIB:.2f} GiB of {kind} usable "
             f"({device.memory_gb:g} GiB - {device.reserved_gb:g} GiB reserved); n_ctx {a.context}, {a.images} image(s) "
-            f"x {shape.vision.image_tokens} image tokens; LLM {shape.llm.arch} {shape.llm.params / GIB:.2f} B params"
+            f"x {shape.vision.image_tokens} image tokens; LLM {shape.llm.arch} {shape.llm.params / 1e9:.2f} B params"
             + (f", vision {shape.vision.params / 1e6:.0f} M params" if shape.vision.params else ""))
     cols = [c for c in COLUMNS if any(x.name == c for f in fits for x in f.components)]
     lines = [head, "", f"{'configuration':<28}" + "".join(f"{SHORT[c]:>9}" for c in cols) +
