@@ -44,21 +44,21 @@ def main(argv=None):
                     if d.kind == "gpu" else None
                 cells[(name, bits, d.name)] = (f, split)
                 rows.append({"model": name, "bits": bits, "backend": be, "device": d.name,
-                             "needed_gb": round(f.needed / 1e9, 2), "usable_gb": round(f.usable / 1e9, 2),
-                             "fits": f.fits, "room_gb": round(f.room / 1e9, 2),
+                             "needed_gib": round(f.needed / 2**30, 2), "usable_gib": round(f.usable / 2**30, 2),
+                             "fits": f.fits, "room_gib": round(f.room / 2**30, 2),
                              "vision_on_cpu": None if split is None else {
-                                 "needed_gb": round(split.needed / 1e9, 2), "fits": split.fits,
-                                 "host_ram_gb": round(split.host_only / 1e9, 2)}})
+                                 "needed_gib": round(split.needed / 2**30, 2), "fits": split.fits,
+                                 "host_ram_gib": round(split.host_only / 2**30, 2)}})
     write_json("plan-table", {"context": a.context, "images": a.images, "machine": machine(), "rows": rows})
 
     def cell(f, split):
         if f.fits:
-            return f"{f.needed / 1e9:.1f} ✅"
+            return f"{f.needed / 2**30:.1f} ✅"
         if split is not None and split.fits:
-            return f"{f.needed / 1e9:.1f} ❌ → {split.needed / 1e9:.1f} ☑️"
-        return f"{f.needed / 1e9:.1f} ❌"
+            return f"{f.needed / 2**30:.1f} ❌ → {split.needed / 2**30:.1f} ☑️"
+        return f"{f.needed / 2**30:.1f} ❌"
 
-    lines = [f"Predicted peak memory in GB (n_ctx {a.context}, {a.images} image, vision model fp32 as exported): "
+    lines = [f"Predicted peak memory in GiB (n_ctx {a.context}, {a.images} image, vision model fp32 as exported): "
              "✅ fits; ❌ does not; → X ☑️ fits with `--vision-device cpu` (the vision model in host RAM, VRAM "
              "for the LLM alone). Usable = memory − reserve (`edge-vlm plan --devices`).", "",
              "| model | LLM | " + " | ".join(d.name for d in devs) + " |", "|" + "---|" * (2 + len(devs))]

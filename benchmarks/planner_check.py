@@ -1,6 +1,6 @@
 """The planner against measurement: for every target of the given `edge-vlm bench` results, the
 current planner's predicted peak RSS (as the bench ran it: the tokens it used, resident memory)
-next to the measured peak RSS of its fresh process. Writes benchmarks/results/planner-check.{json,md}.
+next to the measured peak RSS of its fresh process. Writes benchmarks/results/NAME.{json,md} (default planner-check).
 
     python benchmarks/planner_check.py benchmarks/results/nano-backends.json benchmarks/results/tinygpt-v-full.json
 
@@ -25,6 +25,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+")
+    ap.add_argument("--name", default="planner-check", help="output name under benchmarks/results/")
     a = ap.parse_args(argv)
     rows = []
     for f in a.results:
@@ -43,7 +44,7 @@ def main(argv=None):
             if row["predicted_mb"]:
                 row["error_pct"] = round(100 * (row["predicted_mb"] - measured) / measured, 1)
             rows.append(row)
-    write_json("planner-check", {"machine": machine(), "rows": rows})
+    write_json(a.name, {"machine": machine(), "results": [Path(f).name for f in a.results], "rows": rows})
     errs = [abs(r["error_pct"]) for r in rows if "error_pct" in r]
     lines = ["| results | target | measured peak RSS (MiB) | predicted (MiB) | error |", "|---|---|---|---|---|"]
     lines += [f"| {r['results']} | {r['target']} | {r['measured_mb']:.0f} | "
@@ -51,7 +52,7 @@ def main(argv=None):
               for r in rows]
     if errs:
         lines += ["", f"{len(errs)} targets; mean |error| {sum(errs) / len(errs):.1f} %, max {max(errs):.1f} %."]
-    (RESULTS / "planner-check.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -104,7 +104,9 @@ def targets_for(cfg: BenchConfig) -> list[TargetSpec]:
         raise BadInput(f"{len(labels)} labels for {len(cfg.bundles)} bundles: give one --label per bundle")
     for b, label in zip(cfg.bundles, labels):
         load_manifest(Path(b))  # a wrong folder fails here, before anything starts
-        out.append(TargetSpec(label, "bundle", str(b), cfg.device, cfg.threads, cfg.n_ctx, cfg.vision_device))
+        # absolute: the results name the bundle wherever the bench was run from
+        out.append(TargetSpec(label, "bundle", str(Path(b).resolve()), cfg.device, cfg.threads, cfg.n_ctx,
+                              cfg.vision_device))
     if not out:
         raise BadInput("nothing to measure: give one or more bundles and/or --reference SOURCE")
     if len({t.label for t in out}) != len(out):
