@@ -11,9 +11,9 @@ from edge_vlm.plan.memory import BLOCK_BITS, GIB, MB, RunChoice
 from edge_vlm.plan.shapes import ModelShape, from_bundle, from_family_shape, from_source
 
 COLUMNS = ("vision weights", "vision activations", "llm weights", "kv cache", "compute buffers", "load transient",
-           "runtime", "cuda context")
+           "cpu repack", "runtime", "cuda context")
 SHORT = {"vision weights": "vision", "vision activations": "vis act", "llm weights": "LLM", "kv cache": "KV",
-         "compute buffers": "compute", "load transient": "load", "runtime": "runtime", "cuda context": "CUDA"}
+         "compute buffers": "compute", "load transient": "load", "cpu repack": "repack", "runtime": "runtime", "cuda context": "CUDA"}
 HF_ARCH = {"llama": "llama", "phi2": "tinygpt_v_phi"}  # planner arch -> the model_type backends declare
 
 
@@ -97,7 +97,7 @@ def plan_command(a) -> tuple[dict, str]:
             + (f", vision {shape.vision.params / 1e6:.0f} M params" if shape.vision.params else ""))
     cols = [c for c in COLUMNS if any(x.name == c for f in fits for x in f.components)]
     lines = [head, "", f"{'configuration':<28}" + "".join(f"{SHORT[c]:>9}" for c in cols) +
-             f"{'needs':>10}{'fits':>6}{'room':>10}", " " * 28 + "".join(f"{'MB':>9}" for _ in cols) +
+             f"{'needs':>10}{'fits':>6}{'room':>10}", " " * 28 + "".join(f"{'MiB':>9}" for _ in cols) +
              f"{'GiB':>10}{'':>6}{'GiB':>10}"]
     for f in fits:
         by = {x.name: x.bytes for x in f.components}

@@ -56,14 +56,38 @@ CUDA_CONTEXT_MB = 300  # CUDA context + cuBLAS workspace per process (typical; n
 # Loading holds a file's bytes twice for a moment: onnxruntime reads the protobuf (and external
 # data) before building its tensors; transformers/torch.load read a shard before converting it.
 # Fractions of the weights, calibrated against measured peaks (bench results, README).
-# The torch reference reads fp16 source files (ViT .pth, LLM shards) through mmap while it builds
-# its fp32 modules: 0.35 x the fp32 weights on top at the peak, measured alike on the built-in model
-# (190 of 542 MB) and on full-size TinyGPT-V (5.2 of 14.8 GB). The bundles' runtimes load in place.
+# The fp32 torch reference reads fp16 source files (ViT .pth, LLM shards) through mmap while it
+# builds its fp32 modules: 0.35 x the fp32 weights on top at the peak, measured alike on the built-in
+# model (190 of 542 MB) and on full-size TinyGPT-V (5.2 of 14.8 GB). An fp16 reference maps its fp16
+# shards as they are (MiniGPT-4-7B: no transient). The bundles' runtimes load in place.
 LOAD_EXTRA = {"vision": 0.0, "gguf": 0.0, "onnx": 0.0, "gptq": 0.0, "bnb": 0.0, "torch": 0.35}
 # bitsandbytes' CPU backend converts its weights on the first forward: measured, nf4 and int8 bundles
 # alike end up holding about one byte per block weight plus the fp32 embeddings/head (TinyGPT-V: 3.5
 # and 3.2 GB for 2.35/3.57 GB files). On CUDA its kernels use the packed weights as stored.
 BNB_CPU_BLOCK_BYTES = 1.0
+# llama.cpp's CPU backend repacks some quant types into an interleaved copy for its SIMD kernels
+# (ggml-cpu "CPU_REPACK" buffer) while the mapped file stays resident: measured on MiniGPT-4-7B
+# Q4_K_M (Q4_K 83 % + Q6_K 17 % of weights), 3.87 of a 3.99 GB file on top. Bits per weight of the
+# types it repacks; Q5_0 and Q8_0 (most of the built-in model's bundles) are used in place.
+GGUF_REPACKED_BITS = {"Q4_0": 4.5, "Q4_K": 4.5, "Q6_K": 6.5625, "IQ4_NL": 4.5}
+
+
+def gguf_repack_share(shape: ModelShape, c: RunChoice) -> float:
+    """Share of the GGUF's bytes llama.cpp repacks on a CPU (0 on a GPU)."""
+    if c.backend != "gguf" or c.on_gpu:
+        return 0.0
+    types = (shape.bundle.get("quant") or {}).get("tensor_types") if shape.bundle else None
+    if not types:  # a source: Q4_K_M of k-quant-able widths is all Q4_K/Q6_K; Q8_0 and F16 are not repacked
+        return 1.0 if c.bits == 4 else 0.0
+    from edge_vlm.plan.shapes import gguf_bits
+
+    def bits(t):
+        return GGUF_REPACKED_BITS.get(t) or {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q5_0": 5.5, "Q5_1": 6,
+                                               "Q4_1": 5, "Q5_K": 5.5, "Q3_K": 3.4375, "Q2_K": 2.625}.get(
+            t, gguf_bits(t) or 8)
+
+    total = sum(f * bits(t) for t, f in types.items())
+    return sum(f * bits(t) for t, f in types.items() if t in GGUF_REPACKED_BITS) / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,10 @@ class Component:
     bytes: int
     on_device: bool  # in GPU memory when the run is on a GPU (else host RAM)
     note: str = ""
+
+
+def load_extra(c: RunChoice) -> float:
+    return 0.0 if c.backend == "torch" and c.bits == 16 else LOAD_EXTRA[c.backend]
 
 
 def input_embedding_bytes(shape: ModelShape, backend: str, bits: int) -> int:
@@ -156,8 +184,12 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
            Component("kv cache", kv, True, f"{kv_tokens} tokens ({image_tokens} image) x {llm.layers} layers x "
                                            f"{llm.kv_dim} x {kv_bytes} B x 2"),
            Component("compute buffers", compute, True, "one prefill batch"),
-           Component("load transient", int(LOAD_EXTRA[be] * (lw + vw)), False,
-                     "source files mapped while loading" if LOAD_EXTRA[be] else "")]
+           Component("load transient", int(load_extra(c) * (lw + vw)), False,
+                     "source files mapped while loading" if load_extra(c) else "")]
+    repack = gguf_repack_share(shape, c)
+    if repack:
+        out.append(Component("cpu repack", int(repack * lw), False, "llama.cpp's interleaved copy of Q4_K/Q6_K/Q4_0 "
+                                                                    "weights (CPU only)"))
     if c.on_gpu:
         out.append(Component("cuda context", CUDA_CONTEXT_MB * MB, True, "assumed (not measured here)"))
     return out
