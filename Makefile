@@ -42,15 +42,14 @@ results: setup
 	$(BIN)/python benchmarks/accuracy_slice.py --limit 1000
 	$(BIN)/python benchmarks/accuracy_backends.py --redo
 
-# The built-in model across backends and bits, next to its fp32 reference (about 30 min on 2 cores):
+# The built-in model across backends and bits, next to its fp32 reference (about 25 min on 2 cores):
 # benchmarks/results/nano-backends.{json,md,png}. `make nano-bundles` exports them first (~15 min).
-NANO_BUNDLES ?= bundles/nano-gguf-16 bundles/nano-gguf-8 bundles/nano-gguf-4 bundles/nano-q4_1 bundles/nano-onnx-8 \
+NANO_BUNDLES ?= bundles/nano-gguf-16 bundles/nano-gguf-8 bundles/nano-gguf-4 bundles/nano-onnx-8 \
 	bundles/nano-onnx-4 bundles/nano-gptq-8-image bundles/nano-gptq-4-image bundles/nano-bnb-8 bundles/nano-bnb-4
 nano-bundles: setup
 	$(BIN)/edge-vlm export --backend gguf --bits 16 -o bundles/nano-gguf-16 --force
 	$(BIN)/edge-vlm export --backend gguf --bits 8 -o bundles/nano-gguf-8 --force
 	$(BIN)/edge-vlm export --backend gguf --bits 4 -o bundles/nano-gguf-4 --force
-	$(BIN)/edge-vlm export --backend gguf --quant Q4_1 -o bundles/nano-q4_1 --force
 	$(BIN)/edge-vlm export --backend onnx --bits 8 -o bundles/nano-onnx-8 --force
 	$(BIN)/edge-vlm export --backend onnx --bits 4 -o bundles/nano-onnx-4 --force
 	$(BIN)/edge-vlm export --backend gptq --bits 8 -o bundles/nano-gptq-8-image --force
@@ -59,7 +58,7 @@ nano-bundles: setup
 	$(BIN)/edge-vlm export --backend bnb --bits 4 -o bundles/nano-bnb-4 --force
 
 bench: setup
-	$(BIN)/edge-vlm bench $(NANO_BUNDLES) --reference nano --dataset easy-vqa --limit 200 --runs 5 --name nano-backends
+	$(BIN)/edge-vlm bench $(NANO_BUNDLES) --reference nano --dataset easy-vqa --limit 100 --runs 5 --name nano-backends
 
 clean:
 	rm -rf bundles .cache build *.egg-info
