@@ -34,11 +34,15 @@ class ReferencePipeline:
         p = self.src.preprocess
         return preprocess(image, p.image_size, p.mean, p.std, p.resize)
 
-    def embed(self, image) -> np.ndarray:
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """[1,3,S,S] -> [n_image_tokens, n_embd] float32."""
         import torch
 
         with torch.no_grad():
-            return self.src.vision(torch.from_numpy(self.pixels(image)))[0].float().numpy()
+            return self.src.vision(torch.from_numpy(pixels))[0].float().numpy()
+
+    def embed(self, image) -> np.ndarray:
+        return self.embed_pixels(self.pixels(image))
 
     def generate(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(), stats=None):
         yield from generate(self.llm, self.prompt, prompt, self.embed(image), sampling, stats)

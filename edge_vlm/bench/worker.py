@@ -73,15 +73,9 @@ class Target:
                 torch.set_num_threads(spec["threads"])
             self.pipe = ReferencePipeline.load(spec["path"], n_ctx=spec["n_ctx"], llm_dtype=spec["llm_dtype"])
             self.llm, self.prompt, self.pixels = self.pipe.llm, self.pipe.prompt, self.pipe.pixels
-            self._embed = self._torch_embed
+            self._embed = self.pipe.embed_pixels
             self.llm_weight_bytes = self._torch_llm_bytes()
         self.load_s = time.perf_counter() - t0
-
-    def _torch_embed(self, px):
-        import torch
-
-        with torch.no_grad():
-            return self.pipe.src.vision(torch.from_numpy(px))[0].float().numpy()
 
     def embed(self, px) -> np.ndarray:
         return self._embed(px)

@@ -157,18 +157,16 @@ def from_source(source: str) -> ModelShape:
         from edge_vlm.families import load_source
 
         src = load_source(source)
-        vis, llm = source_shapes(src)
         return ModelShape(desc.get("name") or root.name,
-                          VisionShape(image_tokens=src.description["image_tokens"], **vis), LLMShape(**llm))
+                          VisionShape(image_tokens=src.description["image_tokens"], **vision_shape_of(src)),
+                          llm_shape_from_config(src.llm.config))
     llm_dir = Path(desc.get("llm", ""))
     llm_dir = llm_dir if llm_dir.is_absolute() else root / llm_dir
     try:
         cfg = json.loads((llm_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot read the LLM's config.json in {llm_dir} ({e})") from e
-    llm = llm_shape_from_config(cfg)
-    if fam and fam.startswith("tinygpt"):
-        llm = LLMShape("phi2", llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.ff, llm.vocab, llm.tied)
+    llm = llm_shape_from_config(cfg)  # old-format Phi-2 folders say model_type "phi": phi2
     mid = (desc.get("synth") or {}).get("proj_mid", 4096)  # TinyGPT-V's llama_proj width (MiniGPT-4 7B's)
     vision = upstream_vision(fam, llm.hidden, desc.get("vit_dims"), desc.get("qformer_dims"), mid)
     return ModelShape(desc.get("name") or root.name, vision, llm)
@@ -242,11 +240,4 @@ def vision_shape_of(src) -> dict:
 
 def llm_shape_of(src) -> dict:
     """The manifest's llm.shape, from the loaded LLM's config."""
-    llm = llm_shape_from_config(src.llm.config)
-    if src.family.startswith("tinygpt"):
-        llm = LLMShape("phi2", llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.ff, llm.vocab, llm.tied)
-    return llm.to_dict()
-
-
-def source_shapes(src) -> tuple[dict, dict]:
-    return vision_shape_of(src), llm_shape_of(src)
+    return llm_shape_from_config(src.llm.config).to_dict()
