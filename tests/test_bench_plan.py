@@ -217,3 +217,17 @@ def test_bandwidth_measure_is_sane():
 
     r = measure(size_mb=32, runs=3, threads=1)
     assert r["min_gb_s"] <= r["gb_s"] <= r["max_gb_s"] and len(r["runs"]) == 3
+
+
+def test_bench_bad_image_is_a_clear_error(export_backend, tmp_path, capsys):
+    """A missing --image fails before any process starts; a corrupt one fails in the worker with the
+    runtime's BadImage message and exit code, not a traceback."""
+    b = str(export_backend("gguf", 4))
+    assert main(["bench", b, "--image", str(tmp_path / "nope.png"), "--out-dir", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["bench", b, "--image", str(bad), "--runs", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+                 "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "Traceback" not in err
