@@ -299,9 +299,12 @@ def test_truncated_and_unsafe_checkpoints(upstream_source, tmp_path):
     torch.save({**obj, "config": argparse.Namespace(run="x")}, ck)  # needs full unpickling
     msg = _load_error(folder)
     assert "needs unsafe unpickling" in msg and "--trust-checkpoint" in msg
-    d["trust_checkpoint"] = True
+    # the folder cannot trust itself: only the user's --trust-checkpoint can
+    (folder / "edge-vlm-source.json").write_text(json.dumps({**d, "trust_checkpoint": True}))
+    msg = _load_error(folder)
+    assert "cannot trust its own checkpoints" in msg and "--trust-checkpoint" in msg
     (folder / "edge-vlm-source.json").write_text(json.dumps(d))
-    assert load_source(str(folder)).family == "minigpt4"
+    assert load_source(str(folder), {"trust_checkpoint": True}).family == "minigpt4"
 
 
 def test_current_phi2_release_is_explained(upstream_source, tmp_path):

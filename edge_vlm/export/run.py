@@ -45,8 +45,9 @@ class ExportConfig:
 # how to load an upstream family (edge_vlm.families.minigpt.UpstreamSource); paths relative to the source folder
 SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "lora_alpha", "trust_checkpoint",
                  "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
+# trust_checkpoint is not a recipe field: trusting a file is decided on the command line (--trust-checkpoint)
 RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
-                 "calibration_data", "description", *SOURCE_FIELDS}
+                 "calibration_data", "description", *SOURCE_FIELDS} - {"trust_checkpoint"}
 
 
 def load_recipe(path: str) -> dict:
@@ -60,6 +61,9 @@ def load_recipe(path: str) -> dict:
         raise BadInput(f"recipe {p} does not exist (recipes live in export/)") from e
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"recipe {p} is not valid TOML: {e}") from e
+    if "trust_checkpoint" in data:
+        raise BadInput(f"recipe {p} sets trust_checkpoint: a recipe cannot trust checkpoints for you. Remove it; "
+                       "if you trust the files, pass --trust-checkpoint")
     unknown = set(data) - RECIPE_FIELDS
     if unknown:
         raise BadInput(f"recipe {p} has unknown fields {sorted(unknown)}; known: {sorted(RECIPE_FIELDS)}")

@@ -29,6 +29,8 @@ FAMILIES = {
 SOURCE_FILE = "edge-vlm-source.json"
 BUILTIN = {"nano": Path(__file__).resolve().parent.parent / "models" / "nano"}
 DEFAULT_SOURCE = "nano"
+# full unpickling (code execution) is the user's decision on the command line, never a file's
+TRUST_FIELD = "trust_checkpoint"
 
 
 def resolve_source(source: str | None) -> Path:
@@ -57,6 +59,10 @@ def describe_source(source: str | None = None, overrides: dict | None = None) ->
         desc = json.loads((root / SOURCE_FILE).read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{root / SOURCE_FILE} is not valid JSON: {e}") from e
+    if isinstance(desc, dict) and TRUST_FIELD in desc:
+        # a downloaded folder must never switch on code execution for itself
+        raise SourceError(f"{root / SOURCE_FILE} sets {TRUST_FIELD!r}: a source folder cannot trust its own "
+                          f"checkpoints. Remove the field; if you trust the files, pass --trust-checkpoint")
     if overrides and desc.get("family") == "nano":
         raise SourceError(f"--{' --'.join(sorted(overrides))} apply to the upstream families, not to {root} "
                           "(family nano)")
