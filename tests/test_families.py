@@ -107,12 +107,12 @@ def test_manifest_records_the_load(upstream_bundle):
     from edge_vlm.manifest import load_manifest
 
     m = load_manifest(upstream_bundle("tinygpt-v", 16))
-    keys = m.source["keys"]
+    keys = m.source.keys
     assert keys["vit"]["blocks_in_file"] == keys["vit"]["blocks_run"] + 1
     assert keys["lora"]["modules"] == 4 and keys["lora"]["alpha"] == 16.0
     assert keys["llm_norms_from_ckpt"] == 2 * 4 + 1
     assert m.preprocess.mean == pytest.approx([0.48145466, 0.4578275, 0.40821073]) and m.preprocess.resize == "bicubic"
-    assert m.prompt.stop == ["###"] and "train_configs/tinygptv_stage3.yaml" in m.source["prompt_source"]
+    assert m.prompt.stop == ["###"] and "train_configs/tinygptv_stage3.yaml" in m.source.prompt_source
 
 
 # ---- families.md's templates, rendered (the strings upstream builds) ----
@@ -375,7 +375,7 @@ def test_llama_sentencepiece_tokenizer_goes_into_the_gguf(upstream_source, tmp_p
     _train_llama_spm(llm_dir)
     bundle = run(ExportConfig(source=str(folder), out=str(tmp_path / "b"), bits=16), progress=False)
     m = load_manifest(bundle)
-    assert m.validation["tokenizer"]["identical_ids"] and m.source["spm_model"].endswith("tokenizer.model")
+    assert m.validation.tokenizer["identical_ids"] and m.source.spm_model.endswith("tokenizer.model")
     with Pipeline.load(bundle, RuntimeConfig(exact=True)) as p:
         pixels = p.vision.pixels(shape_image)
         got, (before, after) = _bundle_greedy(p.llm, p.manifest.prompt, "what color is the shape?",
@@ -400,7 +400,7 @@ def test_fp16_llm_export_writes_f16_gguf_and_records_the_reference(upstream_sour
     assert main(["export", str(upstream_source("minigpt4")), "--llm-dtype", "float16", "--bits", "16",
                  "-o", str(out)]) == 0
     m = load_manifest(out)
-    assert m.source["llm_dtype"] == "float16" and m.validation["llm"]["top1_agreement"] == 1.0
+    assert m.source.llm_dtype == "float16" and m.validation.llm.top1_agreement == 1.0
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(out / m.llm.file)).tensors}
     assert types == {"F16", "F32"}
     assert main(["export", str(upstream_source("minigpt4")), "--llm-dtype", "float16", "--quant", "F32",
@@ -417,6 +417,6 @@ def test_min_agreement_override_is_recorded(upstream_source, tmp_path, capsys):
 
     out = tmp_path / "q4"
     assert main(["export", str(upstream_source("minigpt4")), "--bits", "4", "--min-agreement", "0", "-o", str(out)]) == 0
-    v = load_manifest(out).validation["llm"]
-    assert v["floor_overridden"]["used"] == 0 and v["floor_overridden"]["backend_floor"] > 0
+    v = load_manifest(out).validation.llm
+    assert v.floor_overridden["used"] == 0 and v.floor_overridden["backend_floor"] > 0
     assert main(["export", str(upstream_source("minigpt4")), "--min-agreement", "1.5", "-o", str(tmp_path / "x")]) == 2

@@ -50,23 +50,37 @@ def resolve_source(source: str | None) -> Path:
 def describe_source(source: str | None = None, overrides: dict | None = None) -> tuple[Path, dict]:
     """(root that relative paths start from, description). `overrides` (recipe fields, CLI flags,
     paths already absolute) replace the description's fields; with a `family` and no `source`
-    they are the whole description."""
+    they are the whole description. Validated here (source_schema): what comes back holds only
+    known fields of the right types and ranges, as the file or the flags set them."""
+    from edge_vlm.families.source_schema import parse_source
+
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "family" in overrides and (source is None or (Path(source).is_dir() and not (Path(source) / SOURCE_FILE).exists())):
-        return Path(source or Path.cwd()).resolve(), overrides  # a folder holding upstream files, or the cwd
+        # a folder holding upstream files, or the cwd
+        desc = parse_source(overrides, "the recipe / command-line source fields", allow_trust=True)
+        return Path(source or Path.cwd()).resolve(), desc.model_dump(exclude_unset=True, by_alias=True)
     root = resolve_source(source)
-    try:
-        desc = json.loads((root / SOURCE_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{root / SOURCE_FILE} is not valid JSON: {e}") from e
-    if isinstance(desc, dict) and TRUST_FIELD in desc:
-        # a downloaded folder must never switch on code execution for itself
-        raise SourceError(f"{root / SOURCE_FILE} sets {TRUST_FIELD!r}: a source folder cannot trust its own "
-                          f"checkpoints. Remove the field; if you trust the files, pass --trust-checkpoint")
-    if overrides and desc.get("family") == "nano":
+    where = root / SOURCE_FILE
+    desc = parse_source(read_json(where, SourceError), str(where))  # refuses trust_checkpoint in the file
+    if overrides and desc.family == "nano":
         raise SourceError(f"--{' --'.join(sorted(overrides))} apply to the upstream families, not to {root} "
                           "(family nano)")
-    return root, {**desc, **overrides}
+    if overrides:
+        merged = {**desc.model_dump(exclude_unset=True, by_alias=True), **overrides}
+        desc = parse_source(merged, f"the recipe / command-line fields over {where}", allow_trust=True)
+    return root, desc.model_dump(exclude_unset=True, by_alias=True)
+
+
+def read_json(path: Path, error=SourceError):
+    """A JSON file's value; unreadable, not UTF-8, not JSON or absurdly nested -> `error` naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, nesting past the stack
+        raise error(f"{path} is not valid JSON: {str(e)[:200]}") from None
 
 
 def load_source(source: str | None = None, overrides: dict | None = None, defer_llm: bool = False):

@@ -19,7 +19,9 @@ TRUST_FLAG = "--trust-checkpoint"
 
 
 def load_torch_file(path: Path, what: str, trust: bool = False) -> dict:
-    """A `.pth`/`.bin` pickle as a dict, loaded with weights_only=True unless `trust`."""
+    """A `.pth`/`.bin` pickle as a dict, loaded with weights_only=True unless `trust`. Anything torch
+    raises on a file that is not a checkpoint (a text file gives IndexError or KeyError from inside
+    the unpickler) is a SourceError naming the file."""
     import torch
 
     path = Path(path)
@@ -28,18 +30,40 @@ def load_torch_file(path: Path, what: str, trust: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust, mmap=_zip_format(path))
     except pickle.UnpicklingError as e:
-        raise SourceError(
-            f"{what}: {path} needs unsafe unpickling (it holds objects beyond tensors and plain containers: "
-            f"{str(e).splitlines()[0][:160]}). Loading it could run code from the file. If you trust its "
-            f"origin, pass {TRUST_FLAG}; better, re-save it as tensors only") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"{what}: {path} is not a readable torch checkpoint (truncated or damaged?): "
-                          f"{str(e)[:200]}") from e
+        if not trust and _needs_unsafe(str(e)):
+            raise SourceError(
+                f"{what}: {path} needs unsafe unpickling (it holds objects beyond tensors and plain containers: "
+                f"{_refusal(str(e))}). Loading it could run code from the file. If you trust its "
+                f"origin, pass {TRUST_FLAG}; better, re-save it as tensors only") from e
+        raise SourceError(_unreadable(what, path, e)) from e
+    except Exception as e:  # noqa: BLE001 (a damaged file reaches torch's internals in many ways)
+        raise SourceError(_unreadable(what, path, e)) from e
     if trust:
         print(f"warning: {path} was unpickled without weights_only ({TRUST_FLAG})", file=sys.stderr)
     if not isinstance(obj, dict):
         raise SourceError(f"{what}: {path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+# torch's weights-only unpickler refuses a *valid* pickle that needs classes or functions with these
+# words; other refusals ("Unsupported operand 104") mean the bytes are no pickle at all
+UNSAFE_MARKERS = ("Unsupported global", "unsupported GLOBAL", "allowlisted", "unrecognized function")
+
+
+def _needs_unsafe(message: str) -> bool:
+    return any(m in message for m in UNSAFE_MARKERS)
+
+
+def _refusal(message: str) -> str:
+    """The line of torch's long weights-only message that names what was refused."""
+    line = next((x for x in message.splitlines() if _needs_unsafe(x)), message.splitlines()[0] if message else "")
+    return line.strip().removeprefix("WeightsUnpickler error: ")[:160]
+
+
+def _unreadable(what: str, path: Path, e: Exception) -> str:
+    detail = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+    return (f"{what}: {path} is not a readable torch checkpoint (truncated or damaged, or not a checkpoint at all: "
+            f"{type(e).__name__}{': ' + detail[:200] if detail else ''})")
 
 
 def _zip_format(path: Path) -> bool:
@@ -59,22 +83,31 @@ def load_weights_file(path: Path, what: str, trust: bool = False) -> dict:
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises untyped errors for damaged files
-            raise SourceError(f"{what}: {path} is not a readable safetensors file ({e})") from e
+            detail = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+            raise SourceError(f"{what}: {path} is not a readable safetensors file ({detail[:200]})") from e
     return load_torch_file(path, what, trust)
 
 
 def model_state(ckpt: dict, path: Path, what: str) -> dict:
-    """The state dict inside a training checkpoint (`{'model': ..., 'optimizer': ...}`) or a flat one."""
-    if "model" in ckpt:
-        if not isinstance(ckpt["model"], dict):
-            raise SourceError(f"{what}: {path}['model'] is a {type(ckpt['model']).__name__}, not a state dict")
-        return ckpt["model"]
+    """The state dict inside a training checkpoint (`{'model': ..., 'optimizer': ...}`) or a flat one:
+    names to tensors, checked here so that a file holding other values fails now, by name, and not
+    as a TypeError deep in a loader."""
     import torch
 
-    if not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise SourceError(f"{what}: {path} is neither a state dict nor a checkpoint with a 'model' entry "
-                          f"(top-level keys: {', '.join(map(str, list(ckpt)[:8]))})")
-    return ckpt
+    if "model" in ckpt:
+        state, where = ckpt["model"], f"{path}['model']"
+        if not isinstance(state, dict):
+            raise SourceError(f"{what}: {where} is a {type(state).__name__}, not a state dict")
+    else:
+        state, where = ckpt, str(path)
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SourceError(f"{what}: {path} is neither a state dict nor a checkpoint with a 'model' entry "
+                              f"(top-level keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad:
+        raise SourceError(f"{what}: {where} is not a state dict: {str(bad[0])[:80]!r} holds a {type(bad[1]).__name__}, "
+                          "not a tensor (is it the right file?)")
+    return state
 
 
 @dataclass(frozen=True)

@@ -46,27 +46,27 @@ class FamilySpec:
 FAMILIES = {
     "minigpt4": FamilySpec(
         "MiniGPT-4 (Vicuna v0)", 224, "qformer", ("llama_proj",), "llama",
-        PromptSpec(SYSTEM + "###Human: <Img><ImageHere></Img> {prompt}###Assistant: ", add_bos=True, stop=["###"]),
+        PromptSpec(template=SYSTEM + "###Human: <Img><ImageHere></Img> {prompt}###Assistant: ", add_bos=True, stop=["###"]),
         "conversation.py CONV_VISION_Vicuna0 as demo.py renders it; demo stops on ### (ids 835 / 2277+29937)"),
     "minigpt4-llama2": FamilySpec(
         "MiniGPT-4 (Llama-2-7B-chat)", 224, "concat4", ("llama_proj",), "llama",
-        PromptSpec(SYSTEM + "<s>[INST] <Img><ImageHere></Img> {prompt} [/INST] ", add_bos=True, stop=["</s>"]),
+        PromptSpec(template=SYSTEM + "<s>[INST] <Img><ImageHere></Img> {prompt} [/INST] ", add_bos=True, stop=["</s>"]),
         "conversation.py CONV_VISION_LLama2 as demo.py renders it; stops at </s>"),
     "minigpt-v2": FamilySpec(
         "MiniGPT-v2 (Llama-2-7B-chat + LoRA)", 448, "concat4", ("llama_proj",), "llama",
-        PromptSpec("<s>[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["</s>", "[/INST]"]),
+        PromptSpec(template="<s>[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["</s>", "[/INST]"]),
         "conversation.py CONV_VISION_minigptv2 / demo_v2.py; put a task tag ([vqa], [caption], [grounding], ...) at "
         "the start of the prompt; output cut at </s> and [/INST]",
         lora=LoraSpec(("q_proj", "v_proj"), alpha=16.0)),
     "tinygpt-v": FamilySpec(
         "TinyGPT-V (Phi-2, stages 2-3)", 224, "qformer", ("llama_proj", "llama_proj2"), "phi2",
-        PromptSpec("###Human: <Img><ImageHere></Img> {prompt} ###Assistant: ", add_bos=True, stop=["###"]),
+        PromptSpec(template="###Human: <Img><ImageHere></Img> {prompt} ###Assistant: ", add_bos=True, stop=["###"]),
         "train_configs/tinygptv_stage3.yaml, the template stage 3 was trained with ('###Human: {} ###Assistant: ', "
         "end_sym ###, BOS <|endoftext|> prepended in training); the demo's system text and LLaMA stop ids are not used",
         lora=LoraSpec(("query_key_value", "dense"), alpha=16.0), trained_norms=True, default_backend="onnx"),
     "tinygpt-v-stage4": FamilySpec(
         "TinyGPT-V (Phi-2, stage 4)", 448, "qformer", ("llama_proj", "llama_proj2"), "phi2",
-        PromptSpec("[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["###"]),
+        PromptSpec(template="[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["###"]),
         "train_configs/tinygptv_stage4.yaml: chat_template with from_config's default '[INST] {} [/INST]', end_sym ###; "
         "put a task tag ([vqa], ...) at the start of the prompt",
         lora=LoraSpec(("query_key_value", "dense"), alpha=16.0), trained_norms=True, default_backend="onnx"),
@@ -105,25 +105,21 @@ class UpstreamSource:
     expect_image_tokens: int | None = None
 
     @classmethod
-    def from_description(cls, root: Path, desc: dict) -> "UpstreamSource":
-        files = {}
-        for f in FILE_FIELDS:
-            if desc.get(f) is not None:
-                p = Path(desc[f])
-                files[f] = str(p if p.is_absolute() else (root / p))
-        missing = [f for f in ("vit", "ckpt", "llm") if f not in files]
-        if missing:
-            raise SourceError(f"family {desc.get('family')!r} needs the files {', '.join(missing)} "
-                              f"(--{' --'.join(missing)}, or in the recipe / edge-vlm-source.json)")
-        stop = desc.get("stop")
-        return cls(family=desc["family"], **files, template=desc.get("template"),
-                   stop=tuple([stop] if isinstance(stop, str) else stop) if stop is not None else None,
-                   lora_alpha=desc.get("lora_alpha"), trust_checkpoint=bool(desc.get("trust_checkpoint", False)),
-                   tokenizer_pre=desc.get("tokenizer_pre", "default"),
-                   vit_dims=eq.VitDims(**desc.get("vit_dims", {})),
-                   qformer_dims=eq.QFormerDims(**desc.get("qformer_dims", {})), name=desc.get("name", ""),
-                   llm_dtype=desc.get("llm_dtype") or "float32",
-                   expect_image_size=desc.get("image_size"), expect_image_tokens=desc.get("image_tokens"))
+    def from_description(cls, root: Path, desc: dict, where: str = "the source description") -> "UpstreamSource":
+        """From a description (checked by source_schema: types, ranges, the files named); relative
+        file paths start at `root`."""
+        from edge_vlm.families.source_schema import UpstreamDescription, parse_source  # reads FAMILIES: no cycle
+
+        d = parse_source(desc, where, allow_trust=True)
+        if not isinstance(d, UpstreamDescription):
+            raise SourceError(f"{where}: family {d.family!r} is not an upstream family")
+        files = {f: str(Path(p) if Path(p).is_absolute() else root / p) for f in FILE_FIELDS
+                 if (p := getattr(d, f)) is not None}
+        return cls(family=d.family, **files, template=d.template, stop=tuple(d.stop) if d.stop is not None else None,
+                   lora_alpha=d.lora_alpha, trust_checkpoint=d.trust_checkpoint, tokenizer_pre=d.tokenizer_pre,
+                   vit_dims=eq.VitDims(**d.vit_dims.model_dump()),
+                   qformer_dims=eq.QFormerDims(**d.qformer_dims.model_dump()), name=d.name or "", llm_dtype=d.llm_dtype or "float32",
+                   expect_image_size=d.image_size, expect_image_tokens=d.image_tokens)
 
 
 def vision_stack_class():

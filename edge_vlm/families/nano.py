@@ -127,41 +127,63 @@ def load(root: Path, desc: dict, with_projection: bool = True) -> SourceModel:
                           "(see edge_vlm/models/nano/edge-vlm-source.json for a complete example)") from e
 
 
-def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
-    v = desc.get("vision", {})
-    cfg = NanoVisionConfig(encoder=v.get("encoder", "efficientnet-lite0"),
-                           encoder_overrides=tuple(sorted(v.get("encoder_overrides", {}).items())),
-                           image_size=v.get("image_size", 256), pool=v.get("pool", 2), concat=v.get("concat", 4))
+def describe(root: Path, desc: dict):
+    """The description as source_schema's typed NanoSource (types, ranges, template checked)."""
+    from edge_vlm.families.source_schema import NanoSource, parse_source  # it reads STRIDE from here: no cycle
+
+    d = parse_source(desc, str(root / "edge-vlm-source.json"))
+    if not isinstance(d, NanoSource):
+        raise SourceError(f"{root / 'edge-vlm-source.json'}: family {d.family!r} is not nano")
+    return d
+
+
+def vision_config(v) -> NanoVisionConfig:
+    """source_schema.NanoVision -> the config the encoder is built from (checked before any weights load)."""
+    overrides = v.encoder_overrides.model_dump(exclude_none=True)
+    cfg = NanoVisionConfig(encoder=v.encoder, encoder_overrides=tuple(sorted(overrides.items())),
+                           image_size=v.image_size, pool=v.pool, concat=v.concat)
     cfg.check()
-    llm, tok = load_llm(root, desc["llm"])
-    source_quant = gguf_weight_type(resolve_file(root, desc["llm"]["gguf"], "llm.gguf")) if "gguf" in desc["llm"] else None
+    return cfg
+
+
+def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
+    d = describe(root, desc)
+    v = d.vision
+    cfg = vision_config(v)
+    llm_spec = d.llm.model_dump(exclude_none=True)
+    llm, tok = load_llm(root, llm_spec)
+    source_quant = gguf_weight_type(resolve_file(root, llm_spec["gguf"], "llm.gguf")) if d.llm.gguf else None
     n_embd = llm.config.hidden_size
     stack = vision_stack_class()(cfg, n_embd)
-    enc_path = resolve_file(root, v["encoder_weights"], "vision.encoder_weights")
+    enc_path = resolve_file(root, _ref(v.encoder_weights), "vision.encoder_weights")
     enc_state = model_state(load_torch_file(enc_path, "vision.encoder_weights"), enc_path,
                             "vision.encoder_weights")
     _load_strict(stack.encoder, enc_state, f"encoder weights {enc_path}")
     if with_projection:
         from safetensors.torch import load_file
 
-        p = resolve_file(root, desc["projection"], "projection")
+        p = resolve_file(root, _ref(d.projection), "projection")
         try:
             weights = load_file(str(p))
         except Exception as e:  # safetensors raises its own untyped errors for damaged files
             raise SourceError(f"projection {p} is not a readable safetensors file ({e}); retrain or restore it") from e
         _load_strict(stack.proj, weights, f"projection {p}")
     stack.eval().requires_grad_(False)
-    pre = Preprocess(image_size=cfg.image_size, mean=list(v.get("mean", [0.5] * 3)),
-                     std=list(v.get("std", [0.5] * 3)), resize=v.get("resize", "bicubic"))
-    prompt = PromptSpec(**desc["prompt"])
-    return SourceModel("nano", {"name": desc.get("name", root.name), "description": desc.get("description", ""),
+    pre = Preprocess(image_size=cfg.image_size, mean=list(v.mean), std=list(v.std), resize=v.resize)
+    prompt = PromptSpec(**d.prompt.model_dump())
+    return SourceModel("nano", {"name": d.name or root.name, "description": d.description or "",
                                 "image_tokens": cfg.n_image_tokens,
                                 # llama.cpp's pre-tokenizer name; SmolLM2's byte-level BPE is "smollm"
-                                "tokenizer_pre": desc["llm"].get("tokenizer_pre", "smollm"),
+                                "tokenizer_pre": d.llm.tokenizer_pre,
                                 # the LLM's weights were already quantized (e.g. a Q4_1 GGUF): recorded so
                                 # export can warn that other types round them a second time
                                 "llm_source_quant": source_quant},
                        stack, llm, tok, pre, prompt, llm.config.model_type)
+
+
+def _ref(ref):
+    """A FileRef as resources.resolve_file takes it: a path string or {'package', 'path'}."""
+    return ref if isinstance(ref, str) else ref.model_dump()
 
 
 def gguf_weight_type(path: Path) -> str:
