@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 BUNDLE ?= bundles/nano-q4
 LIMIT ?= 200
 
-.PHONY: setup demo test test-slow results bench nano-bundles clean
+.PHONY: setup demo test test-slow test-fuzz results bench nano-bundles clean
 
 $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	$(PY) -m venv $(VENV)
@@ -31,10 +31,14 @@ demo: setup
 	$(BIN)/python benchmarks/demo.py --bundle $(BUNDLE) --limit $(LIMIT)
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu and not fuzz" -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow" -q
+
+# the long fuzzer runs: 10,000 manifests, source JSONs, recipes and datasets (about 30 min on 2 cores)
+test-fuzz: setup
+	$(BIN)/python -m pytest -m "fuzz" -q
 
 # Re-measure benchmarks/results/nano-easyvqa-accuracy.* (about 15 min on 2 cores) and
 # nano-backends-accuracy.* (every backend x {4, 8} bits, about 1.5 h)

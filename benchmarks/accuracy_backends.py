@@ -61,13 +61,14 @@ def measure(row: str, opts, limit: int, bundles: str, threads: int, ref_outputs)
     same = (sum(x == y["output"] for x, y in zip(ref_outputs, r["records"])) / len(r["records"])
             if ref_outputs and len(ref_outputs) >= len(r["records"]) else None)
     q = m.llm.quant
-    return {"row": row, "backend": m.llm.backend, "bits": opts["bits"], "quant": q["requested"],
-            "method": q.get("method"),
-            "calibration": q.get("calibration"), "group_size": q.get("group_size"),
-            "bits_per_weight": q["bits_per_weight"], "tensor_types": q["tensor_types"],
-            "bundle_mb": round(sum(f["bytes"] for f in m.files.values()) / 1e6, 2),
-            "llm_mb": round(sum(f["bytes"] for k, f in m.files.items() if k != m.vision.file) / 1e6, 2),
-            "export_seconds": round(export_s, 1), "validation": m.validation.get("llm"),
+    return {"row": row, "backend": m.llm.backend, "bits": opts["bits"], "quant": q.requested,
+            "method": q.method,
+            "calibration": q.calibration, "group_size": q.group_size,
+            "bits_per_weight": q.bits_per_weight, "tensor_types": q.tensor_types,
+            "bundle_mb": round(sum(f.bytes for f in m.files.values()) / 1e6, 2),
+            "llm_mb": round(sum(f.bytes for k, f in m.files.items() if k != m.vision.file) / 1e6, 2),
+            "export_seconds": round(export_s, 1),
+            "validation": m.validation.llm.model_dump() if m.validation.llm else None,
             "same_answer_text_as_reference": None if same is None else round(same, 4),
             "outputs": [x["output"] for x in r["records"]],
             "correct_flags": "".join("1" if x["correct"] else "0" for x in r["records"]), **_acc(r)}

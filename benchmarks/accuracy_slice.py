@@ -38,9 +38,9 @@ def main():
         m = load_manifest(out)
         r = evaluate(EvalConfig(target=str(out), limit=a.limit, threads=a.threads))
         agree = sum(x["output"] == y["output"] for x, y in zip(ref["records"], r["records"])) / len(r["records"])
-        rows.append({"model": label, "quant": m.llm.quant["requested"],
-                     "bits_per_weight": m.llm.quant["bits_per_weight"], "tensor_types": m.llm.quant["tensor_types"],
-                     "bundle_mb": round(sum(f["bytes"] for f in m.files.values()) / 1e6, 2),
+        rows.append({"model": label, "quant": m.llm.quant.requested,
+                     "bits_per_weight": m.llm.quant.bits_per_weight, "tensor_types": m.llm.quant.tensor_types,
+                     "bundle_mb": round(sum(f.bytes for f in m.files.values()) / 1e6, 2),
                      "files_mb": {k: round(v["bytes"] / 1e6, 2) for k, v in m.files.items()},
                      "same_answer_text_as_reference": round(agree, 4), **_acc(r)})
     data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}"

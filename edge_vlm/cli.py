@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EPILOG = """examples:
@@ -25,25 +26,73 @@ EPILOG = """examples:
 exit codes: 0 ok, 2 bad input, 3 bad bundle, 4 bad source, 5 export failed, 6 device unavailable"""
 
 
+def _int_in(lo: int, hi: int | None = None, what: str = ""):
+    """An argparse type: a whole number in [lo, hi], said plainly when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {lo} to {hi}" if hi is not None
+                                             else f"{v} is out of range: use {lo} or more" + what)
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{text[:40]} is out of range: use a number in "
+                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return v
+
+    return parse
+
+
+POSITIVE = _int_in(1)
+COUNT = _int_in(0)
+THREADS = _int_in(0, None, " (0 = every core)")
+SEED = _int_in(-1, 2 ** 63 - 1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (what and where to look), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_runtime_flags(p):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: GPU when onnxruntime-gpu / a CUDA llama.cpp are installed, else CPU (says so)")
-    p.add_argument("--n-ctx", type=int, default=2048, help="LLM context size in tokens (default 2048)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=POSITIVE, default=None,
+                   help="LLM context size in tokens (default 2048, or the model's trained context if smaller; "
+                        "at most the model's)")
+    p.add_argument("--threads", type=THREADS, default=0,
+                   help="CPU threads (default 0: all cores; more than the cores is capped, with a note)")
     p.add_argument("--vision-device", choices=["same", "cpu"], default="same",
                    help="cpu: run the vision model on the CPU while the LLM uses the GPU (leaves the VRAM to the "
                         "LLM; `edge-vlm plan` says when that is what makes a model fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-vlm", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = Parser(prog="edge-vlm", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Export MiniGPT-4-family vision-language models to small, "
                                              "validated bundles and run them on CPUs, 8 GB GPUs and Jetsons.",
                                  epilog=EPILOG)
     from edge_vlm import __version__
 
     ap.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
-    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("export", help="source model -> bundle (vision ONNX + quantized LLM + manifest)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_mutually_exclusive_group()
     q.add_argument("--bits", type=int, choices=[4, 8, 16], default=None, help="LLM weight bits (default 4)")
     q.add_argument("--quant", help="gguf only: any llama.cpp type instead of --bits (Q4_0, Q4_1, Q5_K_M, Q6_K, F32, ...)")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=_int_in(1, 4096), default=None,
                    help="onnx: MatMulNBits block size (default 32); gptq: group size (default: largest of 128/64/32 dividing the layer widths)")
-    p.add_argument("--accuracy-level", type=int, default=None,
+    p.add_argument("--accuracy-level", type=_int_in(0, 4), default=None,
                    help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
     p.add_argument("--int4-method", choices=["hqq", "rtn"], default=None,
                    help="onnx --bits 4: hqq (default; float zero points, optimized) or rtn (round to nearest)")
@@ -83,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibration folder in easy-VQA's format (default calibration_data/easy-vqa-sample)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="device the bundle is for (backend auto skips backends that cannot run there)")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--min-agreement", type=_float_in(0, 1), default=None,
                    help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
                         "for models whose logits carry no signal, such as edge-vlm synth's random weights")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--threads", type=int, default=0, help="threads for quantization (default: all cores)")
+    p.add_argument("--threads", type=THREADS, default=0, help="threads for quantization (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON when done")
     from edge_vlm.families.minigpt import FAMILIES as UPSTREAM_FAMILIES
 
@@ -102,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--llm", help="LLM folder in transformers format (vicuna-7b, Llama-2-7b-chat-hf, old-format phi-2)")
     u.add_argument("--template", help="prompt template override: {prompt} for the question, <ImageHere> for the image")
     u.add_argument("--stop", action="append", help="stop string override (repeat for several); matched on text")
-    u.add_argument("--lora-alpha", type=float, help="LoRA alpha of the checkpoint (default 16, as upstream)")
+    u.add_argument("--lora-alpha", type=_float_in(0, 1e6, lo_open=True), help="LoRA alpha of the checkpoint (default 16, as upstream)")
     u.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name of a byte-level BPE tokenizer")
     u.add_argument("--llm-dtype", choices=["float32", "float16"], default=None,
                    help="dtype the LLM is loaded and validated in (default float32, the exact reference); float16 "
@@ -120,17 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--family", required=True, choices=list(SHAPES), help="which model's shapes")
     p.add_argument("--size", choices=["full", "mini"], default="full")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2 ** 32 - 1), default=0)
     p.add_argument("-o", "--out", required=True, help="folder to write (must not exist, or be empty)")
 
     p = sub.add_parser("run", help="answer a question about an image with a bundle (streams tokens)")
     p.add_argument("bundle")
     p.add_argument("--image", required=True, help="image file (PNG/JPEG/...; any mode, converted to RGB)")
     p.add_argument("--prompt", required=True, help="question or instruction about the image")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--max-tokens", type=POSITIVE, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=_float_in(0, 100), default=0.0, help="0 = greedy (default), up to 100")
+    p.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="sampling seed (with --temperature > 0); -1 = a random seed each run")
     p.add_argument("--verify", choices=["once", "sha256", "size"], default="once",
                    help="once (default): sha256 of each file the first time it is loaded, then size+mtime; "
                         "sha256: hash every time; size: sizes only")
@@ -150,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle folder, or a source (built-in name / folder) to evaluate the fp32 torch reference")
     p.add_argument("--dataset", default="easy-vqa", help="easy-vqa, or a folder with questions.json + images/")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="first N questions of a fixed seeded shuffle")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed for question order")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--limit", type=POSITIVE, help="first N questions of a fixed seeded shuffle")
+    p.add_argument("--seed", type=_int_in(0, 2 ** 63 - 1), default=0, help="shuffle seed for question order")
+    p.add_argument("--threads", type=THREADS, default=0)
     p.add_argument("--out", help="also write the full result (with every answer) to this JSON file")
     p.add_argument("--json", action="store_true")
 
@@ -188,14 +238,15 @@ outputs: OUT_DIR/NAME.json (every raw run, medians, machine, versions), NAME.md,
     p.add_argument("--label", action="append", help="display name per bundle, in order (default: folder names)")
     p.add_argument("--dataset", help="task accuracy on easy-vqa or a folder in its format (questions.json + images/)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=100, help="questions for --dataset (default 100)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per target (default 5), after --warmup")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per timed run (default 32)")
+    p.add_argument("--limit", type=POSITIVE, default=100, help="questions for --dataset (default 100)")
+    p.add_argument("--runs", type=_int_in(1, 1000), default=5, help="timed runs per target (default 5), after --warmup")
+    p.add_argument("--warmup", type=_int_in(0, 100), default=1)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="tokens generated per timed run (default 32)")
     p.add_argument("--prompt", default=None, help="prompt of the timed runs")
     p.add_argument("--image", help="image of the timed runs (default: a fixed easy-VQA test image)")
-    p.add_argument("--fidelity-cases", type=int, default=4, help="inputs for fidelity (default 4; needs --reference)")
-    p.add_argument("--fidelity-tokens", type=int, default=32)
+    p.add_argument("--fidelity-cases", type=_int_in(0, 10_000), default=4,
+                   help="inputs for fidelity (default 4; needs --reference)")
+    p.add_argument("--fidelity-tokens", type=POSITIVE, default=32)
     p.add_argument("--mode", choices=["auto", "interleaved", "sequential"], default="auto",
                    help="auto (default): interleaved when the planner says every target fits in RAM at once")
     p.add_argument("--name", default="bench", help="results file name (default bench)")
@@ -221,29 +272,29 @@ examples:
   edge-vlm plan --devices                                  # the device table and its sources""")
     p.add_argument("model", nargs="?", help="bundle, source or family shape name")
     p.add_argument("--device", default=None, help="device name from --devices, or cpu:N (N GB RAM)")
-    p.add_argument("--context", type=int, default=2048, help="n_ctx the model runs with (default 2048)")
-    p.add_argument("--images", type=int, default=1, help="images in the context (default 1)")
+    p.add_argument("--context", type=_int_in(1, 1 << 20), default=2048, help="n_ctx the model runs with (default 2048)")
+    p.add_argument("--images", type=_int_in(0, 1024), default=1, help="images in the context (default 1)")
     p.add_argument("--bits", type=int, choices=[4, 8, 16], help="only this many bits (sources and shapes)")
     p.add_argument("--backend", default=None, help="only this backend (default: what auto picks per bits)")
     p.add_argument("--vision-precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp32 (what export writes today) or fp16 (a prediction)")
     p.add_argument("--vision-device", choices=["same", "cpu"], default="same",
                    help="cpu: the vision model in host RAM, the LLM alone on the GPU (run --vision-device cpu)")
-    p.add_argument("--reserve", type=float, default=None, help="GB the model cannot use (default: the device's)")
+    p.add_argument("--reserve", type=_float_in(0, 1e6), default=None, help="GB the model cannot use (default: the device's)")
     p.add_argument("--devices", action="store_true", help="list the device table and exit")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("align", help="train the built-in model's projection (MiniGPT-4 stage 1 on easy-VQA)")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=POSITIVE, default=800)
+    p.add_argument("--batch-size", type=_int_in(1, 4096), default=16)
+    p.add_argument("--lr", type=_float_in(0, 10, lo_open=True), default=1e-3)
+    p.add_argument("--seed", type=_int_in(0, 2 ** 32 - 1), default=0)
     p.add_argument("--out", default="runs/align",
                    help="folder for projection.safetensors, the curve and an edge-vlm-source.json, so that "
                         "`edge-vlm export runs/align` exports the retrained model (default runs/align)")
     p.add_argument("--cache-dir", default=".cache/align", help="feature cache and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --cache-dir")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=THREADS, default=0)
     return ap
 
 
@@ -286,25 +337,30 @@ def cmd_export(a):
     if a.json:
         print(m.to_json(), end="")
     else:
-        total = sum(f["bytes"] for f in m.files.values())
-        print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {m.llm.backend} {_quant_line(m.llm.quant)}; vision ONNX "
-              f"max |diff| vs torch {max(m.validation['vision']['max_abs_diff'].values()):.2g}; "
-              f"LLM {_agreement_line(m.validation['llm'])}")
+        total = sum(f.bytes for f in m.files.values())
+        print(f"bundle {out}: {total / 1e6:.1f} MB; LLM {m.llm.backend} {_quant_line(m.llm.quant)}; "
+              f"{_validation_line(m.validation)}")
 
 
-def _agreement_line(v: dict) -> str:
-    floor = v.get("min_agreement", {})
-    floor = floor if isinstance(floor, dict) else {"top1_agreement": floor}
+def _validation_line(v) -> str:
+    vision = (f"vision ONNX max |diff| vs torch {max(v.vision.max_abs_diff.values()):.2g} (atol {v.vision.atol})"
+              if v.vision else "vision: not validated")
+    return f"{vision}; LLM {_agreement_line(v.llm) if v.llm else 'not validated'}"
+
+
+def _agreement_line(v) -> str:
+    floor = v.min_agreement
+    floor = floor if isinstance(floor, dict) else {} if floor is None else {"top1_agreement": floor}
     need = ", ".join(f"floor {k.split('_')[0]} {x:.0%}" for k, x in floor.items())
-    top5 = f", top-5 {v['top5_agreement']:.0%}" if "top5_agreement" in v else ""
-    return (f"vs torch over {v['tokens']} teacher-forced tokens: top-1 {v['top1_agreement']:.0%}{top5}"
+    top5 = f", top-5 {v.top5_agreement:.0%}" if v.top5_agreement is not None else ""
+    return (f"vs torch over {v.tokens} teacher-forced tokens: top-1 {v.top1_agreement:.0%}{top5}"
             + (f" ({need})" if need else ""))
 
 
-def _quant_line(q: dict) -> str:
-    types = ", ".join(f"{k} {v:.0%}" for k, v in q.get("tensor_types", {}).items())
-    extra = "".join(f", {k} {q[k]}" for k in ("group_size", "calibration") if q.get(k) is not None)
-    return f"{q.get('requested')} ({q.get('bits_per_weight')} bits/weight: {types}{extra})"
+def _quant_line(q) -> str:
+    types = ", ".join(f"{k} {v:.0%}" for k, v in q.tensor_types.items())
+    extra = "".join(f", {k} {getattr(q, k)}" for k in ("group_size", "calibration") if getattr(q, k) is not None)
+    return f"{q.requested} ({q.bits_per_weight} bits/weight: {types}{extra})"
 
 
 def cmd_synth(a):
@@ -315,8 +371,8 @@ def cmd_synth(a):
     from edge_vlm.families import synth
 
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise BadInput(f"{out} exists and is not empty: pick a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out} exists and is not an empty folder: pick a new folder")
     t0 = time.perf_counter()
     synth.write(a.family, out, a.size, a.seed, progress=lambda part: print(f"writing {part} ...", file=sys.stderr))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -344,14 +400,20 @@ def cmd_run(a):
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
     from edge_vlm.runtime.sampling import SamplingConfig
 
+    from edge_vlm.limits import prompt_text
+    from edge_vlm.preprocess import load_image
+
+    # everything the user gave is checked before the model loads (seconds to minutes for big bundles)
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
     cfg = RuntimeConfig(device=a.device, n_ctx=a.n_ctx, threads=a.threads, verify=a.verify,
                         vision_device=a.vision_device)
+    prompt = prompt_text(a.prompt)
+    image = load_image(a.image)
     with Pipeline.load(a.bundle, cfg) as p:
         for note in p.device.notes:
             print(note, file=sys.stderr)
         stream = None if a.json else (lambda s: print(s, end="", flush=True))
-        r = p.answer(a.image, a.prompt, sampling, on_piece=stream)
+        r = p.answer(image, prompt, sampling, on_piece=stream)
     if a.json:
         print(json.dumps({"bundle": a.bundle, "image": a.image, "prompt": a.prompt, "text": r.text,
                           "stop_reason": r.stats.stop_reason, "prompt_tokens": r.stats.prompt_tokens,
@@ -371,22 +433,20 @@ def cmd_inspect(a):
         return
     q = m.llm.quant
     print(f"edge-vlm bundle {a.bundle} (format {m.format_version}, made by edge-vlm {m.edge_vlm_version})")
-    print(f"  family      {m.family}: {m.source.get('description', '')}")
+    print(f"  family      {m.family}: {m.source.description}")
     print(f"  vision      {m.vision.file}: {m.preprocess.image_size}px {m.preprocess.resize}, mean {m.preprocess.mean}, "
           f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}")
     print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {_quant_line(q)}")
     print(f"  prompt      {m.prompt.template!r}")
     print(f"  stop        {m.prompt.stop}")
     v = m.validation
-    if v:
-        print(f"  validated   vision max |diff| {max(v['vision']['max_abs_diff'].values()):.2g} (atol {v['vision']['atol']}); "
-              f"LLM {_agreement_line(v['llm'])}")
-        if "llm_fp32" in v:
-            print(f"              fp32 ONNX decoder before quantization: max |logit diff| "
-                  f"{v['llm_fp32']['logits_max_abs_diff']:.2g} (atol {v['llm_fp32']['logits_atol']}), "
-                  f"top-1 {v['llm_fp32']['top1_agreement']:.0%}")
-        if "backend_choice" in v:
-            print(f"  backend     {v['backend_choice']}")
+    print(f"  validated   {_validation_line(v)}")
+    if v.llm_fp32:
+        print(f"              fp32 ONNX decoder before quantization: max |logit diff| "
+              f"{v.llm_fp32.logits_max_abs_diff:.2g} (atol {v.llm_fp32.logits_atol}), "
+              f"top-1 {v.llm_fp32.top1_agreement:.0%}")
+    if v.backend_choice:
+        print(f"  backend     {v.backend_choice}")
     for r in rows:
         print(f"  file        {r['file']:<24} {r['bytes'] / 1e6:9.2f} MB  sha256 {r['sha256'][:16]}…  {r['status']}")
 
@@ -459,7 +519,10 @@ COMMANDS = {"bench": cmd_bench, "plan": cmd_plan, "export": cmd_export, "synth":
 
 def main(argv=None) -> int:
     ap = build_parser()
-    a = ap.parse_args(argv)
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line printed) or --help / --version
+        return e.code if isinstance(e.code, int) else 2
     if not a.cmd:
         ap.print_help()
         return 0
@@ -476,6 +539,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nedge-vlm {a.cmd}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"\nedge-vlm {a.cmd}: error: out of memory; `edge-vlm plan` says what fits this machine", file=sys.stderr)
+        return 3 if a.cmd in ("run", "inspect", "plan", "bench", "eval") else 5
+    except Exception as e:  # noqa: BLE001 - a bug of ours: say so in one line; the traceback on request
+        if os.environ.get("EDGE_VLM_DEBUG"):
+            raise
+        print(f"\nedge-vlm {a.cmd}: internal error ({type(e).__name__}: {str(e)[:300]}). This is a bug in "
+              "edge-vlm: please report it with the command you ran (EDGE_VLM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 70  # EX_SOFTWARE
     return 0
 
 

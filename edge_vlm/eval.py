@@ -19,6 +19,16 @@ class EvalConfig:
     max_tokens: int = 6
     threads: int = 0
 
+    def __post_init__(self):
+        from edge_vlm import limits
+        from edge_vlm.errors import BadInput
+
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise BadInput(f"--limit {self.limit}: give a number of questions >= 1 (or no --limit for all)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise BadInput(f"--seed {self.seed}: give a whole number >= 0")
+        limits.threads(self.threads)
+
 
 def is_bundle(target: str | None) -> bool:
     return target is not None and (Path(target) / "manifest.json").is_file()

@@ -7,8 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+import stat
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_vlm.errors import BundleError
 
@@ -16,103 +20,281 @@ FORMAT = "edge-vlm-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RESIZE_METHODS = ("bicubic", "bilinear", "nearest")
+# what a manifest may be: a few kB today; bounds keep a hostile file from costing memory or recursion
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 32
+MAX_FILES = 10_000
+
+# --- field types: every number finite and within sane bounds, every name non-empty ---------------
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Text = Annotated[str, Field(max_length=10_000)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+Count = Annotated[int, Field(ge=1, le=1 << 20)]
+TokenId = Annotated[int, Field(ge=0, le=1 << 24)]
+_SEGMENT = re.compile(r"[^/\\\x00]+")
 
 
-@dataclass
-class Preprocess:
-    """How an image becomes the vision model's input (applied by runtime/preprocess.py)."""
-
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    resize: str = "bicubic"  # direct resize to a square, no crop (as MiniGPT-4's processors)
-    color: str = "RGB"
+def is_inside(name: str) -> bool:
+    """A plain relative path ("a/b.onnx") that stays inside the bundle folder: no absolute path,
+    no backslash, no '.', '..' or empty segment, no NUL."""
+    return bool(name) and all(_SEGMENT.fullmatch(p) and p not in (".", "..") for p in name.split("/"))
 
 
-@dataclass
-class VisionSpec:
-    file: str
-    input_name: str
-    output_name: str
-    n_image_tokens: int
-    n_embd: int
-    precision: str = "fp32"
-    shape: dict = field(default_factory=dict)  # params, seq, width, mlp, heads: what `edge-vlm plan` needs
+def _bundle_path(name: str) -> str:
+    if not is_inside(name):
+        raise ValueError(f"{name[:80]!r} is not a relative path inside the bundle folder")
+    return name
 
 
-@dataclass
-class LLMSpec:
-    backend: str  # a key of edge_vlm.backends.BACKENDS: gguf | onnx | gptq | bnb
-    file: str  # a file (gguf, onnx) or a folder of files (gptq, bnb checkpoints) inside the bundle
-    arch: str  # the HF model_type of the source LLM
-    n_embd: int
-    n_ctx_train: int
-    quant: dict = field(default_factory=dict)  # bits, method, group size, calibration, real type mix, bits/weight
-    tokenizer: dict = field(default_factory=dict)  # backends without their own tokenizer: file, bos/eog ids
-    shape: dict = field(default_factory=dict)  # hidden, layers, heads, kv_heads, ff, vocab, tied (plan's KV cache)
+BundlePath = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
-@dataclass
-class PromptSpec:
-    """`template` holds `{prompt}` for the user text and `image_marker` where image embeddings go."""
+class _Section(BaseModel):
+    """A manifest section: unknown keys are an error (a typo must not be silently ignored)."""
 
-    template: str
-    image_marker: str = "<ImageHere>"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _Record(BaseModel):
+    """A record of facts written at export (quantization, validation): the fields edge-vlm reads are
+    typed; other keys are kept as they are, for people and tools reading the manifest."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+class Preprocess(_Section):
+    """How an image becomes the vision model's input (applied by preprocess.py)."""
+
+    image_size: Annotated[int, Field(ge=8, le=8192)]
+    # per channel; pixels are scaled to [0, 1] first, so sane values are small
+    mean: Annotated[list[Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(ge=1e-4, le=100, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
+    resize: Literal["bicubic", "bilinear", "nearest"] = "bicubic"  # direct resize to a square, no crop
+    color: Literal["RGB"] = "RGB"
+
+
+class VisionShapeSpec(_Section):
+    """What `edge-vlm plan` needs of the vision model: parameters and encoder geometry."""
+
+    params: Annotated[int, Field(ge=0, le=1 << 40)]
+    seq: Count
+    width: Count
+    mlp: Count
+    heads: Count
+
+
+class VisionSpec(_Section):
+    file: BundlePath
+    input_name: Name
+    output_name: Name
+    n_image_tokens: Annotated[int, Field(ge=1, le=1 << 16)]
+    n_embd: Annotated[int, Field(ge=1, le=1 << 17)]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    shape: VisionShapeSpec | None = None
+
+    _file = field_validator("file")(lambda v: _bundle_path(v))
+    _empty_shape = field_validator("shape", mode="before")(lambda v: v or None)  # {} in older bundles
+
+
+class QuantSpec(_Record):
+    """What the LLM was quantized to, and the real mix of tensor types (bits per weight, n_params)."""
+
+    requested: Name | None = None
+    bits: Annotated[int, Field(ge=1, le=32)] | None = None
+    method: Text | None = None
+    group_size: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
+    calibration: Text | None = None
+    tensor_types: dict[Name, Fraction] = Field(default_factory=dict, max_length=256)
+    bits_per_weight: Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)] | None = None
+    n_params: Annotated[int, Field(ge=0, le=1 << 44)] | None = None
+
+
+class TokenizerSpec(_Section):
+    """Backends whose model file carries no tokenizer (onnx): tokenizer.json and the ids the runtime needs."""
+
+    file: BundlePath
+    embed_tokens: BundlePath | None = None
+    bos_id: TokenId | None = None
+    eog_ids: Annotated[list[TokenId], Field(max_length=1024)] = Field(default_factory=list)
+    clean_up_tokenization_spaces: bool = False
+
+    _files = field_validator("file", "embed_tokens")(lambda v: v if v is None else _bundle_path(v))
+
+
+class LLMShapeSpec(_Section):
+    """The LLM's KV-cache geometry (plan)."""
+
+    arch: Name
+    hidden: Annotated[int, Field(ge=1, le=1 << 17)]
+    layers: Annotated[int, Field(ge=1, le=4096)]
+    heads: Annotated[int, Field(ge=1, le=4096)]
+    kv_heads: Annotated[int, Field(ge=1, le=4096)]
+    ff: Annotated[int, Field(ge=1, le=1 << 20)]
+    vocab: Annotated[int, Field(ge=1, le=1 << 24)]
+    tied: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} do not divide")
+        return self
+
+
+class LLMSpec(_Section):
+    backend: Literal["gguf", "onnx", "gptq", "bnb"]  # edge_vlm.backends.BACKENDS (a newer edge-vlm may know more)
+    file: BundlePath  # a file (gguf, onnx) or a folder of files (gptq, bnb checkpoints) inside the bundle
+    arch: Name  # the HF model_type of the source LLM
+    n_embd: Annotated[int, Field(ge=1, le=1 << 17)]
+    n_ctx_train: Annotated[int, Field(ge=0, le=1 << 24)]  # 0: unknown
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    tokenizer: TokenizerSpec | None = None
+    shape: LLMShapeSpec | None = None
+
+    _file = field_validator("file")(lambda v: _bundle_path(v))
+    _empty = field_validator("tokenizer", "shape", mode="before")(lambda v: v or None)  # {} in older bundles
+
+
+class PromptSpec(_Section):
+    """`template` holds `{prompt}` once for the user text and `image_marker` once where the image goes."""
+
+    template: Annotated[str, Field(min_length=1, max_length=100_000)]
+    image_marker: Annotated[str, Field(min_length=1, max_length=64)] = "<ImageHere>"
     add_bos: bool = False
-    stop: list[str] = field(default_factory=list)
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=64)] = \
+        Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _markers_once(self):
+        if self.image_marker == "{prompt}" or self.image_marker in "{prompt}":
+            raise ValueError(f"image_marker {self.image_marker!r} collides with the {{prompt}} placeholder")
+        for what, n in ((self.image_marker, self.template.count(self.image_marker)),
+                        ("{prompt}", self.template.count("{prompt}"))):
+            if n != 1:
+                raise ValueError(f"template must hold {what!r} exactly once (it holds it {n} times)")
+        return self
 
     def render(self, prompt: str) -> tuple[str, str]:
-        """Text before and after the image embeddings, user prompt filled in."""
-        text = self.template.replace("{prompt}", prompt)
-        before, sep, after = text.partition(self.image_marker)
-        if not sep:
-            raise BundleError(f"prompt template has no image marker {self.image_marker!r}")
-        return before, after
+        """Text before and after the image embeddings, user prompt filled in. The template is split
+        at its image marker first, so a prompt that itself contains the marker cannot move the image."""
+        before, _, after = self.template.partition(self.image_marker)
+        return before.replace("{prompt}", prompt), after.replace("{prompt}", prompt)
 
 
-@dataclass
-class Manifest:
-    family: str
-    source: dict
+class SourceInfo(_Record):
+    description: Text = ""
+    path: Annotated[str, Field(max_length=4096)] = ""  # where the source was on the exporting machine
+    name: Annotated[str, Field(max_length=256)] = ""
+
+
+class VisionCheck(_Record):
+    max_abs_diff: dict[Name, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1, max_length=64)
+    atol: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class AgreementCheck(_Record):
+    tokens: Annotated[int, Field(ge=0, le=1 << 20)]
+    top1_agreement: Fraction
+    top5_agreement: Fraction | None = None
+    min_agreement: Fraction | dict[Name, Fraction] | None = None
+
+
+class LogitsCheck(_Record):
+    logits_max_abs_diff: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    logits_atol: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    top1_agreement: Fraction
+
+
+class Validation(_Record):
+    """What the export checked, with the figures (the rest of the keys are kept as written)."""
+
+    vision: VisionCheck | None = None
+    llm: AgreementCheck | None = None
+    llm_fp32: LogitsCheck | None = None
+    backend_choice: Text | None = None
+    notes: Annotated[list[Text], Field(max_length=64)] = Field(default_factory=list)
+
+
+class FileRecord(_Section):
+    bytes: Annotated[int, Field(ge=0, le=1 << 44)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Manifest(_Section):
+    family: Name
+    source: SourceInfo
     preprocess: Preprocess
     vision: VisionSpec
     llm: LLMSpec
     prompt: PromptSpec
-    edge_vlm_version: str
-    validation: dict = field(default_factory=dict)
-    files: dict = field(default_factory=dict)  # name -> {"bytes": int, "sha256": str}
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    edge_vlm_version: Name
+    validation: Validation = Field(default_factory=Validation)
+    files: dict[BundlePath, FileRecord] = Field(default_factory=dict, max_length=MAX_FILES)
+    format: Literal["edge-vlm-bundle"] = FORMAT
+    format_version: Literal[1] = FORMAT_VERSION
+
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, files):
+        for name in files:
+            _bundle_path(name)
+        return files
+
+    def used_files(self) -> list[str]:
+        """The files (or folders) the runtime opens."""
+        t = self.llm.tokenizer
+        return [self.vision.file, self.llm.file] + ([t.file] + ([t.embed_tokens] if t.embed_tokens else []) if t else [])
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        return self.model_dump_json(indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: Any) -> "Manifest":
+        """Validate a parsed manifest.json once; every later reader gets typed, bounded values."""
         if not isinstance(d, dict):
             raise BundleError("manifest.json does not hold a JSON object: export the bundle again")
         if d.get("format") != FORMAT:
-            raise BundleError(f"not an edge-vlm bundle manifest (format={d.get('format')!r})")
+            raise BundleError(f"not an edge-vlm bundle manifest (format={str(d.get('format'))[:40]!r})")
         if d.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"bundle format version {d.get('format_version')} is not readable by this "
+            raise BundleError(f"bundle format version {str(d.get('format_version'))[:20]} is not readable by this "
                               f"edge-vlm (reads {FORMAT_VERSION}): re-export it with this version")
+        if _depth(d) > MAX_DEPTH:
+            raise BundleError(f"manifest.json is nested more than {MAX_DEPTH} levels deep: it was not written by "
+                              "edge-vlm; export the bundle again")
         try:
-            files = d["files"]
-            if not isinstance(files, dict) or not all(
-                    isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
-                    for r in files.values()):
-                raise TypeError("'files' must map names to {bytes, sha256}")
-            pre = Preprocess(**d["preprocess"])
-            if pre.resize not in RESIZE_METHODS:
-                raise TypeError(f"unknown resize method {pre.resize!r}")
-            return cls(
-                family=d["family"], source=d["source"], preprocess=pre,
-                vision=VisionSpec(**d["vision"]), llm=LLMSpec(**d["llm"]), prompt=PromptSpec(**d["prompt"]),
-                edge_vlm_version=d["edge_vlm_version"], validation=d.get("validation", {}),
-                files=files, format=d["format"], format_version=d["format_version"],
-            )
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"manifest.json is incomplete or malformed ({e}): re-export the bundle") from e
+            m = cls.model_validate(d, strict=True)
+        except ValidationError as e:
+            raise BundleError(f"manifest.json is malformed: {describe_errors(e)}. Export the bundle again") from None
+        missing = [f for f in m.used_files() if f not in m.files and not any(n.startswith(f + "/") for n in m.files)]
+        if missing:
+            raise BundleError(f"manifest.json uses {', '.join(missing)} but does not list it in its files: "
+                              "export the bundle again")
+        return m
+
+
+def describe_errors(e: ValidationError, limit: int = 3) -> str:
+    """pydantic's errors as one line: `where: what` for the first few."""
+    parts = []
+    for err in e.errors(include_url=False)[:limit]:
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{where[:120]}: {err['msg'][:200]}")
+    more = e.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _depth(obj, limit: int = MAX_DEPTH + 1) -> int:
+    """Nesting depth of parsed JSON, iteratively (a hostile file must not exhaust the stack)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        x, d = stack.pop()
+        deepest = max(deepest, d)
+        if d >= limit:
+            return d
+        if isinstance(x, dict):
+            stack.extend((v, d + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, d + 1) for v in x)
+    return deepest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -128,28 +310,68 @@ def describe_file(path: Path) -> dict:
 
 
 def load_manifest(bundle: Path) -> Manifest:
+    """Read and validate `bundle/manifest.json` (a regular file of bounded size, valid JSON, the schema)."""
     bundle = Path(bundle)
+    _restore_parked(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a bundle folder: create one with `edge-vlm export -o {bundle}`")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BundleError(f"{path} is not a regular file (a link or a device): edge-vlm reads only plain files "
+                          "inside a bundle; export it again")
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST}: it is not a finished bundle "
                           "(an interrupted export leaves none); export it again")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}): export the bundle again") from e
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is {path.stat().st_size} bytes, far more than a manifest "
+                              f"(at most {MAX_MANIFEST_BYTES >> 20} MB): export the bundle again")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, integers too long to convert, nesting
+        raise BundleError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:160]}): "
+                          "export the bundle again") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {path} ({e.strerror or e}): check the folder's permissions") from None
     return Manifest.from_dict(data)
+
+
+def _restore_parked(bundle: Path) -> None:
+    """An export killed while replacing this bundle (--force) left the old one parked beside it: put it back."""
+    try:
+        from edge_vlm.export.bundle import restore_parked
+    except ImportError:  # pragma: no cover - the export package is part of edge-vlm
+        return
+    try:
+        restore_parked(bundle)
+    except OSError:
+        pass  # a read-only parent: the checks below say what is missing
 
 
 VERIFY_MODES = ("once", "sha256", "size")
 
 
-def _inside(name) -> bool:
-    """A plain relative path that stays inside the bundle folder."""
-    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
-        return False
-    return all(p not in ("", ".", "..") for p in name.split("/"))
+def check_regular_inside(bundle: Path, name: str) -> Path | None:
+    """`bundle/name` if it is a regular file reached without following a link and inside the bundle;
+    None if it does not exist; raises BundleError for a link, a device, a FIFO or a path that leaves."""
+    root = Path(bundle)
+    p = root
+    for part in name.split("/"):
+        p = p / part
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise BundleError(f"cannot read {p} ({e.strerror or e})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BundleError(f"{name} in bundle {bundle} is a symbolic link: bundles hold only their own regular "
+                              "files (a link could point anywhere on this machine). Export the bundle again")
+    if not os.path.isfile(p):
+        raise BundleError(f"{name} in bundle {bundle} is not a regular file: export the bundle again")
+    real, base = os.path.realpath(p), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        raise BundleError(f"{name} resolves outside bundle {bundle}: export the bundle again")
+    return p
 
 
 def _stamp_file() -> Path:
@@ -159,9 +381,10 @@ def _stamp_file() -> Path:
 
 def _load_stamps() -> dict:
     try:
-        return json.loads(_stamp_file().read_text())
-    except (OSError, ValueError):
+        stamps = json.loads(_stamp_file().read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return stamps if isinstance(stamps, dict) else {}  # a damaged cache only costs re-hashing
 
 
 def _save_stamps(stamps: dict) -> None:
@@ -187,33 +410,26 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool | str = True) ->
         raise ValueError(f"verify mode must be one of {VERIFY_MODES}")
     stamps = _load_stamps() if mode == "once" else {}
     rows, bad, changed = [], [], False
-    used = [manifest.vision.file, manifest.llm.file] + [
-        manifest.llm.tokenizer[k] for k in ("file", "embed_tokens") if k in manifest.llm.tokenizer]
-    for name in list(manifest.files) + used:
-        if not _inside(name):
-            raise BundleError(f"manifest names {name!r}: bundle files must be relative paths inside the bundle folder")
-    for needed in used:
-        if needed not in manifest.files and not any(n.startswith(needed + "/") for n in manifest.files):
-            bad.append(f"{needed}: used by the manifest but not listed in its files")
     folder = Path(bundle) / manifest.llm.file
-    if folder.is_dir():  # a checkpoint folder: a file in it that the manifest does not list would be loaded unchecked
-        extra = sorted(p.relative_to(bundle).as_posix() for p in folder.rglob("*") if p.is_file()
-                       and p.relative_to(bundle).as_posix() not in manifest.files)
+    if folder.is_dir() and not folder.is_symlink():
+        # a checkpoint folder: a file in it that the manifest does not list would be loaded unchecked
+        extra = sorted(p.relative_to(bundle).as_posix() for p in folder.rglob("*")
+                       if (p.is_file() or p.is_symlink()) and p.relative_to(bundle).as_posix() not in manifest.files)
         if extra:
             bad.append(f"{manifest.llm.file}/ holds files the manifest does not list: {', '.join(extra[:5])}")
     for name, rec in manifest.files.items():
-        p = Path(bundle) / name
-        row = {"file": name, "bytes": rec["bytes"], "sha256": rec["sha256"], "status": "ok"}
-        if not p.is_file():
+        p = check_regular_inside(Path(bundle), name)
+        row = {"file": name, "bytes": rec.bytes, "sha256": rec.sha256, "status": "ok"}
+        if p is None:
             row["status"] = "missing"
-        elif p.stat().st_size != rec["bytes"]:
-            row["status"] = f"size {p.stat().st_size} != {rec['bytes']} (truncated or replaced)"
+        elif p.stat().st_size != rec.bytes:
+            row["status"] = f"size {p.stat().st_size} != {rec.bytes} (truncated or replaced)"
         elif mode != "size":
             st = p.stat()
             key = str(p.resolve())
-            stamp = [st.st_size, st.st_mtime_ns, rec["sha256"]]
+            stamp = [st.st_size, st.st_mtime_ns, rec.sha256]
             if mode == "sha256" or stamps.get(key) != stamp:
-                if sha256_file(p) != rec["sha256"]:
+                if sha256_file(p) != rec.sha256:
                     row["status"] = "sha256 mismatch (corrupted or replaced)"
                 elif mode == "once":
                     stamps[key] = stamp

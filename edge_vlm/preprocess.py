@@ -30,6 +30,8 @@ def load_image(image):
                 img = Image.open(io.BytesIO(image))
             else:
                 path = Path(image)
+                if path.is_dir():
+                    raise BadImage(f"image {path} is a folder: give an image file (PNG/JPEG/WebP)")
                 if not path.is_file():
                     raise BadImage(f"image {path} does not exist")
                 img = Image.open(path)

@@ -27,7 +27,7 @@ def agrees_on_another_prompt(bundle, reference, image):
         emb = reference.embed(image)
         trace = reference_trace(reference.llm, p.manifest.prompt, QUESTION, emb, 12)
         r = teacher_forced_agreement(trace, p.llm, p.manifest.prompt, QUESTION, emb)
-        floor = p.manifest.validation["llm"]["min_agreement"]
+        floor = p.manifest.validation.llm.min_agreement
     assert all(r[k] >= v for k, v in floor.items()), (r, floor)
 
 
@@ -118,9 +118,9 @@ def test_onnx_fp32_decoder_matches_torch_and_fp16_bundle_gives_the_same_greedy_t
         export_backend, references, shape_image, llm):
     b = export_backend("onnx", 16, llm)
     m = load_manifest(b)
-    exact = m.validation["llm_fp32"]
-    assert exact["top1_agreement"] == 1.0 and exact["logits_max_abs_diff"] < 1e-4, exact
-    assert m.llm.backend == "onnx" and sum(v for k, v in m.llm.quant["tensor_types"].items()
+    exact = m.validation.llm_fp32
+    assert exact.top1_agreement == 1.0 and exact.logits_max_abs_diff < 1e-4, exact
+    assert m.llm.backend == "onnx" and sum(v for k, v in m.llm.quant.tensor_types.items()
                                            if k.startswith("float16")) > 0.99
     want = greedy(references[llm], shape_image)
     with Pipeline.load(b, CPU) as p:
@@ -132,12 +132,12 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     b = export_backend("onnx", bits)
     m = load_manifest(b)
     q = m.llm.quant
-    assert q["bits"] == bits and q["group_size"] == 32
-    assert q["method"] == {4: "MatMulNBits int4 (hqq)", 8: "MatMulNBits int8 (rtn)"}[bits]
+    assert q.bits == bits and q.group_size == 32
+    assert q.method == {4: "MatMulNBits int4 (hqq)", 8: "MatMulNBits int8 (rtn)"}[bits]
     # every matmul, the tied output head included; the token-embedding table beside the graph is fp16
-    types = q["tensor_types"]
+    types = q.tensor_types
     assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] > 0.99
-    assert bits < q["bits_per_weight"] < 16
+    assert bits < q.bits_per_weight < 16
     assert set(m.files) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
     with Pipeline.load(b, CPU) as p:
         r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
@@ -148,8 +148,8 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
 def test_onnx_block_size_and_int4_method_are_configurable(export_backend, shape_image):
     b = export_backend("onnx", 4, group_size=16, int4_method="rtn", accuracy_level=4)
     q = load_manifest(b).llm.quant
-    assert q["group_size"] == 16 and "int4 (block 16)" in q["tensor_types"] and q["method"].endswith("(rtn)")
-    assert q["accuracy_level"] == 4 and q["symmetric"] is False
+    assert q.group_size == 16 and "int4 (block 16)" in q.tensor_types and q.method.endswith("(rtn)")
+    assert q.accuracy_level == 4 and q.symmetric is False
     with Pipeline.load(b, CPU) as p:
         assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=3)).stats.generated_tokens >= 1
 
@@ -162,8 +162,8 @@ def test_onnx_external_data_path(tiny_source, tmp_path, monkeypatch, shape_image
     monkeypatch.setattr(llm_onnx, "EXTERNAL_DATA_BYTES", 10_000)
     b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), backend="onnx", bits=8), progress=False)
     m = load_manifest(b)
-    assert {"llm.onnx", "llm.onnx.data"} <= set(m.files) and m.files["llm.onnx.data"]["bytes"] > 100_000
-    assert m.validation["llm_fp32"]["top1_agreement"] == 1.0
+    assert {"llm.onnx", "llm.onnx.data"} <= set(m.files) and m.files["llm.onnx.data"].bytes > 100_000
+    assert m.validation.llm_fp32.top1_agreement == 1.0
     with Pipeline.load(b, CPU) as p:
         assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=4)).stats.generated_tokens >= 1
 
@@ -188,7 +188,7 @@ def test_onnx_context_overflow_is_a_clear_error(export_backend, shape_image):
             p.answer(shape_image, "describe " * 20, SamplingConfig(max_tokens=4))
 
 
-def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, capsys):
+def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, shape_image, capsys):
     import shutil
 
     b = tmp_path / "b"
@@ -196,15 +196,15 @@ def test_damaged_onnx_llm_is_refused(export_backend, tmp_path, capsys):
     data = bytearray((b / "llm.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (b / "llm.onnx").write_bytes(bytes(data))
-    code, _, err = run_cli(["run", str(b), "--image", str(b / "x.png"), "--prompt", "hi"], capsys)
+    code, _, err = run_cli(["run", str(b), "--image", str(shape_image), "--prompt", "hi"], capsys)
     assert code == 3 and "llm.onnx: sha256 mismatch" in err
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda t: {**t, "file": "../tokenizer.json"}, "must be relative paths inside the bundle"),
+    (lambda t: {**t, "file": "../tokenizer.json"}, "relative path inside the bundle"),
     (lambda t: {k: v for k, v in t.items() if k != "embed_tokens"}, "lacks 'file' or 'embed_tokens'"),
 ])
-def test_onnx_manifest_tokenizer_entries_are_checked(export_backend, tmp_path, capsys, edit, message):
+def test_onnx_manifest_tokenizer_entries_are_checked(export_backend, tmp_path, shape_image, capsys, edit, message):
     import shutil
 
     b = tmp_path / "b"
@@ -212,7 +212,7 @@ def test_onnx_manifest_tokenizer_entries_are_checked(export_backend, tmp_path, c
     m = json.loads((b / "manifest.json").read_text())
     m["llm"]["tokenizer"] = edit(m["llm"]["tokenizer"])
     (b / "manifest.json").write_text(json.dumps(m))
-    code, _, err = run_cli(["run", str(b), "--image", str(b / "x.png"), "--prompt", "hi"], capsys)
+    code, _, err = run_cli(["run", str(b), "--image", str(shape_image), "--prompt", "hi"], capsys)
     assert code == 3 and message in err
 
 
@@ -222,7 +222,7 @@ def test_onnx_manifest_tokenizer_entries_are_checked(export_backend, tmp_path, c
 def test_bnb_bundle_runs_and_agrees_with_reference(export_backend, references, shape_image, bits, llm):
     b = export_backend("bnb", bits, llm)
     m = load_manifest(b)
-    assert m.llm.backend == "bnb" and m.llm.file == "llm" and m.llm.quant["bits"] == bits
+    assert m.llm.backend == "bnb" and m.llm.file == "llm" and m.llm.quant.bits == bits
     assert any(f.startswith("llm/") and f.endswith(".safetensors") for f in m.files)
     verify_files(b, m, hashes="sha256")  # files inside the checkpoint folder are listed and hashed
     agrees_on_another_prompt(b, references[llm], shape_image)
@@ -273,9 +273,9 @@ def test_gptq_bundle_runs_and_records_its_calibration(export_backend, references
     b = export_backend("gptq", bits, calibration=calibration)
     m = load_manifest(b)
     q = m.llm.quant
-    assert m.llm.backend == "gptq" and q["bits"] == bits and q["calibration"] == calibration
-    assert q["group_size"] == 64  # the largest of 128/64/32 dividing hidden 64 and intermediate 128
-    cs = q["calibration_set"]
+    assert m.llm.backend == "gptq" and q.bits == bits and q.calibration == calibration
+    assert q.group_size == 64  # the largest of 128/64/32 dividing hidden 64 and intermediate 128
+    cs = q.calibration_set
     assert cs["folder"] == "easy-vqa-sample" and cs["sequences"] == 40
     assert cs["with_image"] == (40 if calibration == "image" else 0)
     assert not any(f.endswith("quant_log.csv") for f in m.files)

@@ -141,14 +141,14 @@ def test_plan_a_bundle_uses_its_file_sizes_and_bits(export_backend, capsys):
 
     b = export_backend("gguf", 4)
     m = load_manifest(b)
-    assert m.llm.shape["layers"] >= 1 and m.vision.shape["params"] > 0  # written at export
+    assert m.llm.shape.layers >= 1 and m.vision.shape.params > 0  # written at export
     assert main(["plan", str(b), "--device", "cpu:2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     (row,) = out["configurations"]
     assert row["choice"]["backend"] == "gguf" and row["choice"]["bits"] == 4  # Q4_K_M, not planned as 16-bit
     comp = {c["name"]: c["mb"] for c in row["components"]}
-    assert comp["llm weights"] == pytest.approx(m.files[m.llm.file]["bytes"] / 2**20, abs=0.1)
-    assert comp["vision weights"] == pytest.approx(m.files[m.vision.file]["bytes"] / 2**20, abs=0.1)
+    assert comp["llm weights"] == pytest.approx(m.files[m.llm.file].bytes / 2**20, abs=0.1)
+    assert comp["vision weights"] == pytest.approx(m.files[m.vision.file].bytes / 2**20, abs=0.1)
 
 
 # ---- bench ----------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_image_embeddings_change_the_answer(export_tiny, shape_image, tmp_path):
 def test_q8_0_agrees_with_reference(export_tiny, reference, shape_image):
     b = export_tiny("Q8_0")
     m = load_manifest(b)
-    assert m.llm.quant["requested"] == "Q8_0" and "Q8_0" in m.llm.quant["tensor_types"]
+    assert m.llm.quant.requested == "Q8_0" and "Q8_0" in m.llm.quant.tensor_types
     s = LlamaCppSession(b / m.llm.file, LlamaCppConfig(n_ctx=512, exact=True))
     try:
         emb = reference.embed(shape_image)
@@ -70,8 +70,8 @@ def test_q4_bundle_runs_and_records_real_tensor_mix(export_tiny, shape_image):
     m = load_manifest(export_tiny("Q4_K_M"))
     q = m.llm.quant
     # a 64-wide model cannot hold k-quants (rows must be multiples of 256): the manifest must say so
-    assert q["requested"] == "Q4_K_M" and "Q4_K" not in q["tensor_types"]
-    assert abs(sum(q["tensor_types"].values()) - 1) < 1e-3 and q["bits_per_weight"] > 4
+    assert q.requested == "Q4_K_M" and "Q4_K" not in q.tensor_types
+    assert abs(sum(q.tensor_types.values()) - 1) < 1e-3 and q.bits_per_weight > 4
     with Pipeline.load(export_tiny("Q4_K_M"), RuntimeConfig(device="cpu")) as p:
         r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=5))
     assert r.stats.generated_tokens >= 1 and r.timings_ms["vision_ms"] > 0
@@ -85,9 +85,9 @@ def test_manifest_is_self_describing(export_tiny):
     assert m.vision.n_image_tokens == 2 and m.vision.n_embd == m.llm.n_embd == 64
     assert "<ImageHere>" in m.prompt.template and m.prompt.stop == ["<|im_end|>"]
     assert set(m.files) == {"vision.onnx", "llm-f16.gguf"}
-    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m.files.values())
-    v = m.validation["vision"]
-    assert v["traced_batch"] not in (1, 3) and set(v["max_abs_diff"]) >= {"batch1", "batch3"}
+    assert all(len(f.sha256) == 64 and f.bytes > 0 for f in m.files.values())
+    v = m.validation.vision
+    assert v.traced_batch not in (1, 3) and set(v.max_abs_diff) >= {"batch1", "batch3"}
 
 
 def test_sampling_is_seeded_and_streams(export_tiny, shape_image):

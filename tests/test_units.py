@@ -85,7 +85,7 @@ def _run(pieces, stops, max_tokens=20, eog=99):
     from edge_vlm.runtime.generate import GenerationStats, generate
 
     stats = GenerationStats()
-    out = list(generate(ScriptedLLM(pieces, eog), PromptSpec("<ImageHere> {prompt}", stop=stops), "q",
+    out = list(generate(ScriptedLLM(pieces, eog), PromptSpec(template="<ImageHere> {prompt}", stop=stops), "q",
                         np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=max_tokens), stats))
     return out, stats
 
@@ -113,9 +113,9 @@ def test_embedding_width_and_context_are_checked_before_running():
 
     llm = ScriptedLLM(["x"])
     with pytest.raises(EmbeddingSizeMismatch):
-        list(generate(llm, PromptSpec("<ImageHere>"), "q", np.zeros((2, 5), np.float32), SamplingConfig()))
+        list(generate(llm, PromptSpec(template="<ImageHere>{prompt}"), "q", np.zeros((2, 5), np.float32), SamplingConfig()))
     with pytest.raises(ContextOverflow):
-        list(generate(llm, PromptSpec("<ImageHere>"), "q", np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=80)))
+        list(generate(llm, PromptSpec(template="<ImageHere>{prompt}"), "q", np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=80)))
     assert llm.evaluated == 0
 
 

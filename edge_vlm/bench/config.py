@@ -16,7 +16,7 @@ class TargetSpec:
     path: str  # bundle folder, or source (built-in name / source folder)
     device: str = "cpu"
     threads: int = 0
-    n_ctx: int = 2048
+    n_ctx: int | None = None  # None: 2048, or the model's trained context if smaller
     vision_device: str = "same"
     llm_dtype: str = "float32"  # the reference's LLM: float32, or float16 as the upstream demos run it
 
@@ -40,7 +40,7 @@ class BenchConfig:
     device: str = "cpu"
     vision_device: str = "same"
     threads: int = 0
-    n_ctx: int = 2048
+    n_ctx: int | None = None  # None: 2048, or the model's trained context if smaller
     name: str = "bench"
     out_dir: str = "benchmarks/results"
     planner: bool = True  # predict each target's peak RSS and report the planner's error

@@ -122,11 +122,12 @@ def predict(spec: TargetSpec, tokens: int, resident: bool = False) -> dict:
         if spec.kind == "bundle":
             shape = shapes.from_bundle(Path(spec.path))
             choice = memory.RunChoice(shape.bundle["backend"], shape.bundle["bits"] or 16,
-                                      shape.bundle["vision_precision"], spec.n_ctx, 1, tokens, resident=resident)
+                                      shape.bundle["vision_precision"], spec.n_ctx or 2048, 1, tokens,
+                                      resident=resident)
         else:
             shape = shapes.from_source(spec.path)
             bits = 16 if spec.llm_dtype == "float16" else 32
-            choice = memory.RunChoice("torch", bits, "fp32", spec.n_ctx, 1, tokens, resident=resident)
+            choice = memory.RunChoice("torch", bits, "fp32", spec.n_ctx or 2048, 1, tokens, resident=resident)
         return memory.peak_rss_prediction(shape, choice)
     except (EdgeVLMError, KeyError, TypeError, ValueError, OSError) as e:
         return {"predicted_mb": None, "why": str(e)}
@@ -273,11 +274,11 @@ def assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, i
             from edge_vlm.manifest import load_manifest
 
             m = load_manifest(Path(s.path))
-            t["files_mb"] = {f: round(x["bytes"] / 1e6, 2) for f, x in m.files.items()}
-            t["bundle_mb"] = round(sum(x["bytes"] for x in m.files.values()) / 1e6, 1)
+            t["files_mb"] = {f: round(x.bytes / 1e6, 2) for f, x in m.files.items()}
+            t["bundle_mb"] = round(sum(x.bytes for x in m.files.values()) / 1e6, 1)
             q = m.llm.quant
-            t["llm_desc"] = f"{m.llm.backend} {q.get('type') or q.get('method', '')}".strip()
-            t["bits_per_weight"] = q.get("bits_per_weight")
+            t["llm_desc"] = f"{m.llm.backend} {q.method or ''}".strip()
+            t["bits_per_weight"] = q.bits_per_weight
         else:
             t["llm_desc"] = f"torch {'fp16' if s.llm_dtype == 'float16' else 'fp32'}"
         if questions:

@@ -71,7 +71,7 @@ class Target:
 
             if spec["threads"]:
                 torch.set_num_threads(spec["threads"])
-            self.pipe = ReferencePipeline.load(spec["path"], n_ctx=spec["n_ctx"], llm_dtype=spec["llm_dtype"])
+            self.pipe = ReferencePipeline.load(spec["path"], n_ctx=spec["n_ctx"] or 2048, llm_dtype=spec["llm_dtype"])
             self.llm, self.prompt, self.pixels = self.pipe.llm, self.pipe.prompt, self.pipe.pixels
             self._embed = self.pipe.embed_pixels
             self.llm_weight_bytes = self._torch_llm_bytes()
@@ -84,7 +84,7 @@ class Target:
         """Bytes of LLM weights read per token: the bundle's LLM files minus an untied input-embedding
         table (one row is read per token; onnx keeps it in a separate .npy, not counted at all)."""
         m, name = self.pipe.manifest, self.pipe.manifest.llm.file
-        total = sum(r["bytes"] for f, r in m.files.items()
+        total = sum(r.bytes for f, r in m.files.items()
                     if (f == name or f.startswith(name + "/")) and f.endswith(WEIGHT_SUFFIXES))
         try:
             from edge_vlm.plan.memory import input_embedding_bytes

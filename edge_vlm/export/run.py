@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edge_vlm import limits
 from edge_vlm.errors import BadInput
 
 
@@ -42,40 +43,8 @@ class ExportConfig:
         return BITS_TO_QUANT[self.bits]
 
 
-# how to load an upstream family (edge_vlm.families.minigpt.UpstreamSource); paths relative to the source folder
-SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "lora_alpha", "trust_checkpoint",
-                 "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
-# trust_checkpoint is not a recipe field: trusting a file is decided on the command line (--trust-checkpoint)
-RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
-                 "calibration_data", "description", *SOURCE_FIELDS} - {"trust_checkpoint"}
-
-
-def load_recipe(path: str) -> dict:
-    """Fields of a TOML export recipe; unknown fields are an error, not silently ignored."""
-    import tomllib
-
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise BadInput(f"recipe {p} does not exist (recipes live in export/)") from e
-    except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"recipe {p} is not valid TOML: {e}") from e
-    if "trust_checkpoint" in data:
-        raise BadInput(f"recipe {p} sets trust_checkpoint: a recipe cannot trust checkpoints for you. Remove it; "
-                       "if you trust the files, pass --trust-checkpoint")
-    unknown = set(data) - RECIPE_FIELDS
-    if unknown:
-        raise BadInput(f"recipe {p} has unknown fields {sorted(unknown)}; known: {sorted(RECIPE_FIELDS)}")
-    data.pop("description", None)  # for people reading the recipe
-    if "source" in data and not Path(str(data["source"])).is_absolute():
-        from edge_vlm.families import BUILTIN
-
-        if data["source"] not in BUILTIN:
-            data["source"] = str((p.parent / data["source"]).resolve())
-    if "calibration_data" in data and not Path(str(data["calibration_data"])).is_absolute():
-        data["calibration_data"] = str((p.parent / data["calibration_data"]).resolve())
-    return data
+# the recipe schema and its fields live in recipe.py; re-exported for the callers that import them from here
+from edge_vlm.export.recipe import RECIPE_FIELDS, SOURCE_FIELDS, load_recipe  # noqa: E402,F401
 
 
 LOSSLESS_ENOUGH = {"F32", "F16", "BF16", "Q8_0"}
@@ -181,6 +150,9 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
 
     import torch
 
+    # -o is checked first (a file in the way, a read-only folder): no model loads for an export that cannot land
+    BundleWriter(Path(cfg.out), cfg.force).check()
+    limits.threads(cfg.threads)
     if cfg.calibration not in (None, "image", "text"):
         raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
     pick_backend(cfg, None)  # an impossible flag combination fails before any work

@@ -194,20 +194,21 @@ def from_bundle(bundle: Path) -> ModelShape:
 
     m = load_manifest(bundle)
     if m.llm.shape:
-        llm = dict(m.llm.shape)
-        vis = dict(m.vision.shape) or {"params": 0, "seq": 64, "width": 1280, "mlp": 1280, "heads": 1}
+        llm = m.llm.shape.model_dump()
+        vis = m.vision.shape.model_dump() if m.vision.shape else \
+            {"params": 0, "seq": 64, "width": 1280, "mlp": 1280, "heads": 1}
     else:
-        path = m.source.get("path")
+        path = m.source.path
         try:
             src = from_source(path)
         except Exception as e:  # noqa: BLE001 - any failure means: this old bundle cannot be planned
             raise BadInput(f"{bundle} was exported by an older edge-vlm (no llm.shape in its manifest) and its "
                            f"source {path} cannot be read ({e}): export it again") from e
         llm, vis = src.llm, vision_shape_dict(src.vision)
-    vision_files = {f: r["bytes"] for f, r in m.files.items()
+    vision_files = {f: r.bytes for f, r in m.files.items()
                     if f == m.vision.file or f.startswith(m.vision.file + ".")}
     name = m.llm.file
-    weights = {f: r["bytes"] for f, r in m.files.items() if (f == name or f.startswith(name + "/"))
+    weights = {f: r.bytes for f, r in m.files.items() if (f == name or f.startswith(name + "/"))
                and f.endswith((".gguf", ".onnx", ".data", ".safetensors", ".bin"))}
     try:
         vision = VisionShape(image_tokens=m.vision.n_image_tokens, file_bytes=sum(vision_files.values()), **vis)
@@ -215,11 +216,11 @@ def from_bundle(bundle: Path) -> ModelShape:
     except TypeError as e:
         raise BundleError(f"{bundle}: the manifest's vision.shape / llm.shape is not what this edge-vlm reads ({e}): "
                           "export the bundle again with this version") from e
-    return ModelShape(m.source.get("name") or Path(bundle).name, vision, llm, bundle={
-        "backend": m.llm.backend, "bits": m.llm.quant.get("bits") or gguf_bits(m.llm.quant.get("requested")),
-        "quant": m.llm.quant,
+    return ModelShape(m.source.name or Path(bundle).name, vision, llm, bundle={
+        "backend": m.llm.backend, "bits": m.llm.quant.bits or gguf_bits(m.llm.quant.requested),
+        "quant": m.llm.quant.model_dump(),
         "vision_precision": m.vision.precision, "llm_weight_bytes": sum(weights.values()),
-        "vision_bytes": sum(vision_files.values()), "files": {f: r["bytes"] for f, r in m.files.items()}})
+        "vision_bytes": sum(vision_files.values()), "files": {f: r.bytes for f, r in m.files.items()}})
 
 
 def vision_shape_of(src) -> dict:

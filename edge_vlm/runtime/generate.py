@@ -56,7 +56,9 @@ def prefill(llm: LLMSession, prompt: PromptSpec, user_text: str, image_embeds: n
         raise EmbeddingSizeMismatch(
             f"image embeddings have shape {tuple(image_embeds.shape)} but the LLM expects "
             f"[n_tokens, {llm.n_embd}]: the vision model and the LLM come from different exports")
-    pre, post = build_prompt(llm, prompt, user_text)
+    from edge_vlm import limits
+
+    pre, post = build_prompt(llm, prompt, limits.prompt_text(user_text))
     needed = len(pre) + len(image_embeds) + len(post) + max_tokens
     if needed > llm.n_ctx:
         raise ContextOverflow(needed, llm.n_ctx)

@@ -81,9 +81,11 @@ class LlamaCppSession:
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
         cp = L.llama_context_default_params()
-        cp.n_ctx = min(cfg.n_ctx, n_ctx_train) if n_ctx_train > 0 else cfg.n_ctx
+        cp.n_ctx = max(1, min(cfg.n_ctx, n_ctx_train) if n_ctx_train > 0 else cfg.n_ctx)
         cp.n_batch = cp.n_ubatch = cfg.n_batch
-        threads = cfg.n_threads or os.cpu_count() or 1
+        from edge_vlm.limits import threads as cap_threads
+
+        threads = cap_threads(cfg.n_threads)[0]
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
         if cfg.exact:
@@ -94,7 +96,10 @@ class LlamaCppSession:
             self.close()
             raise BundleError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {path} "
                               "(out of memory?): lower --n-ctx")
-        self.n_ctx = int(L.llama_n_ctx(self.ctx))
+        # llama.cpp may round the context up and clamps the batch to it: feed chunks no larger than
+        # what the context accepts (a larger batch is a GGML_ASSERT that aborts the process)
+        self.n_ctx = min(int(L.llama_n_ctx(self.ctx)), cp.n_ctx)
+        self.n_batch = max(1, min(cfg.n_batch, int(L.llama_n_batch(self.ctx)), int(L.llama_n_ubatch(self.ctx))))
         self.n_past = 0
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -150,8 +155,8 @@ class LlamaCppSession:
 
     def eval_tokens(self, ids: list[int]) -> None:
         self._check_room(len(ids))
-        for s in range(0, len(ids), self.cfg.n_batch):
-            chunk = ids[s:s + self.cfg.n_batch]
+        for s in range(0, len(ids), self.n_batch):
+            chunk = ids[s:s + self.n_batch]
             self._decode(len(chunk), ("tok", chunk))
 
     def eval_embeds(self, embeds: np.ndarray) -> None:
@@ -160,8 +165,8 @@ class LlamaCppSession:
 
             raise EmbeddingSizeMismatch(f"embedding width {embeds.shape[1]} != LLM n_embd {self.n_embd}")
         self._check_room(len(embeds))
-        for s in range(0, len(embeds), self.cfg.n_batch):
-            chunk = embeds[s:s + self.cfg.n_batch]
+        for s in range(0, len(embeds), self.n_batch):
+            chunk = embeds[s:s + self.n_batch]
             self._decode(len(chunk), ("emb", chunk))
 
     def logits(self) -> np.ndarray:

@@ -27,13 +27,15 @@ class OnnxDecoderSession:
             raise BundleError(f"onnxruntime cannot load the LLM {path} ({str(e).splitlines()[0]}): "
                               "the file is damaged or was made by another exporter; export the bundle again") from e
         ins = {i.name: i for i in self.sess.get_inputs()}
-        if "inputs_embeds" not in ins:
-            raise BundleError(f"{path} has no inputs_embeds input: not an edge-vlm ONNX decoder")
         self.past_names = [n for n in ins if n.startswith("past.")]
         self.present_names = ["present." + n[len("past."):] for n in self.past_names]
-        shape = ins[self.past_names[0]].shape  # [1, n_kv, 'past', head_dim]
-        self.kv_shape = (1, int(shape[1]), 0, int(shape[3]))
-        self.n_embd = int(ins["inputs_embeds"].shape[2])
+        try:
+            shape = ins[self.past_names[0]].shape  # [1, n_kv, 'past', head_dim]
+            self.kv_shape = (1, int(shape[1]), 0, int(shape[3]))
+            self.n_embd = int(ins["inputs_embeds"].shape[2])
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise BundleError(f"{path} lacks the inputs of an edge-vlm ONNX decoder (inputs_embeds [1, n, width], "
+                              "past.* [1, kv_heads, past, head_dim]): export the bundle again") from None
         if embed_table.ndim != 2 or embed_table.shape[1] != self.n_embd:
             raise BundleError(f"embed_tokens has shape {embed_table.shape}, the decoder takes width {self.n_embd}")
         self.embed = embed_table
@@ -104,15 +106,21 @@ def open_session(bundle: Path, manifest, cfg, plan):
     from edge_vlm.runtime.tokenizer import BundleTokenizer
 
     t = manifest.llm.tokenizer
-    if not {"file", "embed_tokens"} <= set(t):
+    if t is None or t.embed_tokens is None:
         raise BundleError("the manifest's llm.tokenizer lacks 'file' or 'embed_tokens': an onnx bundle needs both; "
                           "export it again")
     try:
-        table = np.load(bundle / t["embed_tokens"], mmap_mode="r")
+        table = np.load(bundle / t.embed_tokens, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise BundleError(f"{t['embed_tokens']} is not a readable .npy table ({e}): export the bundle again") from e
-    tok = BundleTokenizer(bundle / t["file"], t.get("bos_id"), t.get("eog_ids", []),
-                          t.get("clean_up_tokenization_spaces", False))
+        raise BundleError(f"{t.embed_tokens} is not a readable .npy table ({e}): export the bundle again") from e
+    if table.ndim != 2 or table.shape[1] != manifest.llm.n_embd or table.dtype.kind != "f":
+        raise BundleError(f"{t.embed_tokens} holds a {table.dtype} table of shape {table.shape}, not "
+                          f"[vocab, {manifest.llm.n_embd}] floats: export the bundle again")
+    tok = BundleTokenizer(bundle / t.file, t.bos_id, t.eog_ids, t.clean_up_tokenization_spaces)
+    vocab = tok.tok.get_vocab_size(with_added_tokens=True)
+    if vocab > table.shape[0] or (t.bos_id is not None and t.bos_id >= table.shape[0]):
+        raise BundleError(f"{t.file} has {vocab} tokens (BOS id {t.bos_id}) but {t.embed_tokens} only "
+                          f"{table.shape[0]} rows: the files come from different exports; export the bundle again")
     n_ctx = min(cfg.n_ctx, manifest.llm.n_ctx_train or cfg.n_ctx)
     return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, plan.llm_providers,
                               require_gpu=cfg.device == "cuda")

@@ -10,11 +10,12 @@ llama-cpp-python (never torch or family code); gptq and bnb bundles run through 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from edge_vlm.errors import BundleError, EmbeddingSizeMismatch
+from edge_vlm import limits
+from edge_vlm.errors import BadInput, BundleError, EmbeddingSizeMismatch
 from edge_vlm.manifest import load_manifest, verify_files
 from edge_vlm.runtime import device as devices
 from edge_vlm.runtime.generate import GenerationStats, generate
@@ -24,8 +25,8 @@ from edge_vlm.runtime.sampling import SamplingConfig
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
-    n_ctx: int = 2048
-    threads: int = 0  # 0 = all cores
+    n_ctx: int | None = None  # None: 2048, or the model's trained context if smaller
+    threads: int = 0  # 0 = all cores; more than the cores is capped (with a note)
     # once: sha256 of each file the first time it is loaded (remembered per path+size+mtime);
     # sha256: every time; size: sizes only (catches truncation, not bit flips)
     verify: str = "once"
@@ -33,6 +34,30 @@ class RuntimeConfig:
     # same: the vision model runs where --device says; cpu: always on the CPU, so that an 8 GB GPU
     # holds only the LLM (EVA ViT-g in fp32 is 4.4 GB; it runs once per image)
     vision_device: str = "same"
+
+    def __post_init__(self):  # every flag checked before anything loads
+        for name, value, allowed in (("device", self.device, ("auto", "cpu", "cuda")),
+                                     ("verify", self.verify, ("once", "sha256", "size")),
+                                     ("vision device", self.vision_device, ("same", "cpu"))):
+            if value not in allowed:
+                raise BadInput(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        limits.n_ctx(self.n_ctx)
+        limits.threads(self.threads)
+
+    def for_model(self, manifest) -> tuple["RuntimeConfig", list[str]]:
+        """The config with the model's limits applied: a context that holds the image and fits the
+        model's trained context, threads no more than the cores. Returns it with notes to print."""
+        trained = manifest.llm.n_ctx_train or None
+        n_ctx = self.n_ctx or min(limits.DEFAULT_N_CTX, trained or limits.DEFAULT_N_CTX)
+        if trained and n_ctx > trained:
+            raise BadInput(f"--n-ctx {n_ctx} is more than this model's context ({trained} tokens): use at most "
+                           f"{trained}")
+        least = manifest.vision.n_image_tokens + 2  # the image, one token of text and one of answer
+        if n_ctx < least:
+            raise BadInput(f"--n-ctx {n_ctx} cannot hold the image ({manifest.vision.n_image_tokens} tokens) and an "
+                           f"answer: use at least {least} (default {min(limits.DEFAULT_N_CTX, trained or 1 << 30)})")
+        threads, note = limits.threads(self.threads)
+        return replace(self, n_ctx=n_ctx, threads=threads), [note] if note else []
 
 
 @dataclass
@@ -52,6 +77,7 @@ class Pipeline:
 
         bundle = Path(bundle)
         m = load_manifest(bundle)
+        config, notes = config.for_model(m)
         verify_files(bundle, m, hashes=config.verify)
         from edge_vlm.backends import BACKENDS, runtime_module
 
@@ -63,12 +89,9 @@ class Pipeline:
         backend = BACKENDS[m.llm.backend]
         runtime = runtime_module(backend)  # MissingPackage with the install command if its extra is absent
         plan = devices.resolve(config.device, backend.cuda_via)
+        plan.notes.extend(notes)
         if config.vision_device == "cpu":
             plan.vision_providers = ["CPUExecutionProvider"]
-        elif config.vision_device != "same":
-            from edge_vlm.errors import BadInput
-
-            raise BadInput(f"vision device {config.vision_device!r}: use same or cpu")
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
         try:
             llm = runtime.open_session(bundle, m, config, plan)
@@ -83,11 +106,13 @@ class Pipeline:
     def generate(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(),
                  stats: GenerationStats | None = None) -> Iterator[str]:
         """Stream the answer to `prompt` about `image` (path, bytes or PIL image) as text pieces."""
+        limits.prompt_text(prompt)
         emb = self.vision.embed(image)
         yield from generate(self.llm, self.manifest.prompt, prompt, emb, sampling, stats)
 
     def answer(self, image, prompt: str, sampling: SamplingConfig = SamplingConfig(), on_piece=None) -> Result:
         """Run one request to completion, with timings (ms) for each stage."""
+        limits.prompt_text(prompt)
         t0 = time.perf_counter()
         px = self.vision.pixels(image)
         t1 = time.perf_counter()
