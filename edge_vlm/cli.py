@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_float_in(0, 1), default=None,
                    help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
                         "for models whose logits carry no signal, such as edge-vlm synth's random weights")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the prompt with the tokenizer's BOS token or not (default: what the family's "
+                        "prompt style does; recorded in the manifest)")
     p.add_argument("-o", "--out", required=True, help="bundle folder to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--threads", type=THREADS, default=0, help="threads for quantization (default: all cores)")
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--qformer", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth; Q-Former families)")
     u.add_argument("--ckpt", help="the family's training checkpoint (pretrained_minigpt4_7b.pth, TinyGPT-V_for_Stage3.pth, ...)")
     u.add_argument("--llm", help="LLM folder in transformers format (vicuna-7b, Llama-2-7b-chat-hf, old-format phi-2)")
+    u.add_argument("--prompt-style", choices=["inference", "training"], default=None,
+                   help="inference (default): the prompt upstream's own demo renders (system text, BOS as its "
+                        "tokenizer adds it); training: the template the checkpoint was trained with")
     u.add_argument("--template", help="prompt template override: {prompt} for the question, <ImageHere> for the image")
     u.add_argument("--stop", action="append", help="stop string override (repeat for several); matched on text")
     u.add_argument("--lora-alpha", type=_float_in(0, 1e6, lo_open=True), help="LoRA alpha of the checkpoint (default 16, as upstream)")
@@ -312,14 +318,16 @@ def cmd_export(a):
     fields = load_recipe(a.recipe) if a.recipe else {}
     upstream = {k: fields.pop(k) for k in SOURCE_FIELDS if k in fields}
     given = {"family": a.family, "template": a.template, "stop": a.stop, "lora_alpha": a.lora_alpha,
+             "add_bos": a.bos, "prompt_style": a.prompt_style,
              "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint, "llm_dtype": a.llm_dtype,
              **{k: str(Path(getattr(a, k)).resolve()) for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
     upstream.update({k: v for k, v in given.items() if v is not None})
     files = {"vit", "qformer", "ckpt", "llm"} & set(upstream)
     if files and "family" not in upstream:  # without files, the flags override a SOURCE's description
         raise BadInput(f"--{' --'.join(sorted(files))} need --family (or --family auto)")
-    if upstream and "family" not in upstream and not (a.source or fields.get("source")):
-        raise BadInput(f"--{' --'.join(sorted(k.replace('_', '-') for k in upstream))} apply to an upstream "
+    upstream_only = set(upstream) - {"add_bos"}  # --bos / --no-bos apply to the built-in model too
+    if upstream_only and "family" not in upstream and not (a.source or fields.get("source")):
+        raise BadInput(f"--{' --'.join(sorted(k.replace('_', '-') for k in upstream_only))} apply to an upstream "
                        "family: give --family with its files, or a SOURCE folder")
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
              "group_size": a.group_size, "accuracy_level": a.accuracy_level, "int4_method": a.int4_method,

@@ -112,18 +112,28 @@ def test_manifest_records_the_load(upstream_bundle):
     assert keys["lora"]["modules"] == 4 and keys["lora"]["alpha"] == 16.0
     assert keys["llm_norms_from_ckpt"] == 2 * 4 + 1
     assert m.preprocess.mean == pytest.approx([0.48145466, 0.4578275, 0.40821073]) and m.preprocess.resize == "bicubic"
-    assert m.prompt.stop == ["###"] and "train_configs/tinygptv_stage3.yaml" in m.source.prompt_source
+    assert m.prompt.stop == ["###"] and "tinygptv_stage1_2_3_eval.yaml" in m.source.prompt_source
+    assert not m.prompt.add_bos and m.source.prompt_style == "inference"
 
 
 # ---- families.md's templates, rendered (the strings upstream builds) ----
+SYSTEM_TEXT = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide "
+               "it to you. Please answer my questions.")
+# what upstream's own inference path renders (its demo), with whether its tokenizer adds BOS
 RENDERED = {
-    "minigpt4": "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide "
-                "it to you. Please answer my questions.###Human: <Img><ImageHere></Img> Q###Assistant: ",
-    "minigpt4-llama2": "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
-                       "provide it to you. Please answer my questions.<s>[INST] <Img><ImageHere></Img> Q [/INST] ",
-    "minigpt-v2": "<s>[INST] <Img><ImageHere></Img> Q [/INST]",
+    "minigpt4": (SYSTEM_TEXT + "###Human: <Img><ImageHere></Img> Q###Assistant: ", True),
+    "minigpt4-llama2": (SYSTEM_TEXT + "<s>[INST] <Img><ImageHere></Img> Q [/INST] ", True),
+    "minigpt-v2": ("<s>[INST] <Img><ImageHere></Img> Q [/INST]", True),
+    "tinygpt-v": (SYSTEM_TEXT + "###Human: <Img><ImageHere></Img> Q###Assistant: ", False),
+    "tinygpt-v-stage4": ("<s>[INST] <Img><ImageHere></Img> Q [/INST]", False),
+}
+# the templates the checkpoints were trained with (--prompt-style training); training always prepends BOS
+TRAINED = {
+    "minigpt4": "###Human: <Img><ImageHere></Img> Q ###Assistant: ",
+    "minigpt4-llama2": "[INST] <Img><ImageHere></Img> Q [/INST] ",
+    "minigpt-v2": "[INST] <Img><ImageHere></Img> Q [/INST]",
     "tinygpt-v": "###Human: <Img><ImageHere></Img> Q ###Assistant: ",
-    "tinygpt-v-stage4": "[INST] <Img><ImageHere></Img> Q [/INST]",
+    "tinygpt-v-stage4": "[INST] <Img><ImageHere></Img> Q  [/INST]",
 }
 
 
@@ -132,8 +142,73 @@ def test_templates_are_families_md(family):
     from edge_vlm.families.minigpt import FAMILIES
 
     spec = FAMILIES[family]
-    assert spec.prompt.template.replace("{prompt}", "Q") == RENDERED[family]
-    assert spec.prompt.add_bos and spec.image_size == (448 if family in ("minigpt-v2", "tinygpt-v-stage4") else 224)
+    assert (spec.prompt.template.replace("{prompt}", "Q"), spec.prompt.add_bos) == RENDERED[family]
+    assert spec.train_prompt.template.replace("{prompt}", "Q") == TRAINED[family] and spec.train_prompt.add_bos
+    assert spec.image_size == (448 if family in ("minigpt-v2", "tinygpt-v-stage4") else 224)
+
+
+def _upstream_ids(tokenizer, rendered: str, add_bos: bool) -> tuple[list, list]:
+    """How upstream's Chat.get_context_emb tokenizes a rendered prompt: split at <ImageHere>, the first
+    segment with add_special_tokens (BOS only where the tokenizer adds one: not Phi-2's CodeGenTokenizer)."""
+    before, after = rendered.split("<ImageHere>")
+    ids = tokenizer(before, add_special_tokens=False).input_ids
+    return ([tokenizer.bos_token_id] if add_bos else []) + ids, tokenizer(after, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("family", ["tinygpt-v", "tinygpt-v-stage4"])
+def test_tinygpt_v_prompt_ids_are_upstream_demos(family, upstream_source, tokenizer):
+    """Stage 3 (demo.py, CONV_VISION_Vicuna0) and stage 4 (demo_v2.py): the token ids edge-vlm feeds around
+    the image are the ones upstream's inference feeds, with no BOS; --prompt-style training and --bos
+    give the training layout."""
+    from edge_vlm.families import load_source
+    from edge_vlm.reference import ReferencePipeline
+    from edge_vlm.runtime.generate import build_prompt
+
+    q = "What is in the image?"
+    rendered = RENDERED[family][0].replace(" Q", " " + q)
+    ref = ReferencePipeline(load_source(str(upstream_source(family))))
+    assert build_prompt(ref.llm, ref.src.prompt, q) == _upstream_ids(tokenizer, rendered, False)
+    trained = load_source(str(upstream_source(family)), {"prompt_style": "training"})
+    assert trained.prompt.add_bos and trained.prompt.template.replace("{prompt}", "Q") == TRAINED[family]
+    assert load_source(str(upstream_source(family)), {"add_bos": True}).prompt.add_bos
+    assert not load_source(str(upstream_source(family)), {"prompt_style": "training", "add_bos": False}).prompt.add_bos
+
+
+def test_bos_flag_for_the_builtin_model_and_bad_values(tiny_source, tmp_path, capsys):
+    from edge_vlm.cli import main
+    from edge_vlm.families import describe_source
+
+    assert describe_source(str(tiny_source), {"add_bos": True})[1]["prompt"]["add_bos"] is True
+    assert main(["export", str(tiny_source), "--bits", "8", "--prompt-style", "chat", "-o", str(tmp_path / "x")]) == 2
+    assert "--prompt-style" in capsys.readouterr().err
+    rec = tmp_path / "r.toml"
+    rec.write_text('add_bos = "yes"\n')
+    assert main(["export", str(tiny_source), "--recipe", str(rec), "-o", str(tmp_path / "y")]) == 2
+    assert "add_bos" in capsys.readouterr().err
+
+
+def test_phi2_tokenizer_config_with_clean_up_spaces_exports(upstream_source, tmp_path, capsys):
+    """Old-format Phi-2 folders say clean_up_tokenization_spaces=true and CodeGenTokenizer: the export
+    validates (torch side and bundle decode alike) and decodes as transformers 4.36 did."""
+    import shutil
+
+    from edge_vlm.cli import main
+    from edge_vlm.manifest import load_manifest
+    from edge_vlm.runtime.tokenizer import BundleTokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(upstream_source("tinygpt-v"), src)
+    cfg_file = src / "phi-2" / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(clean_up_tokenization_spaces=True, tokenizer_class="CodeGenTokenizer")
+    cfg_file.write_text(json.dumps(cfg))
+    out = tmp_path / "b"
+    assert main(["export", str(src), "--bits", "16", "-o", str(out)]) == 0, capsys.readouterr().err
+    m = load_manifest(out)
+    assert m.llm.tokenizer.clean_up_tokenization_spaces and m.validation.tokenizer["identical_text"]
+    tok = BundleTokenizer(out / m.llm.tokenizer.file, None, [], True)
+    ids = tok.tokenize("It 's a dog , isn't it ? I 'm sure .", False)
+    assert tok.detokenize(ids) == "It's a dog, isn't it? I'm sure."  # transformers 4.36's clean_up_tokenization
 
 
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))

@@ -16,8 +16,8 @@ from edge_vlm.errors import BadInput
 from edge_vlm.families.source_schema import Int, PathStr, Text, UpstreamFields, describe_errors, kind
 
 # how to load an upstream family (edge_vlm.families.minigpt.UpstreamSource); paths relative to the source folder
-SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "lora_alpha", "trust_checkpoint",
-                 "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
+SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", "add_bos", "prompt_style", "lora_alpha",
+                 "trust_checkpoint", "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
 # trust_checkpoint is not a recipe field: trusting a file is decided on the command line (--trust-checkpoint)
 RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
                  "calibration_data", "description", *SOURCE_FIELDS} - {"trust_checkpoint"}

@@ -62,6 +62,8 @@ def describe_source(source: str | None = None, overrides: dict | None = None) ->
     root = resolve_source(source)
     where = root / SOURCE_FILE
     desc = parse_source(read_json(where, SourceError), str(where))  # refuses trust_checkpoint in the file
+    if desc.family == "nano" and "add_bos" in overrides:  # --bos / --no-bos apply to every family
+        desc.prompt.add_bos = bool(overrides.pop("add_bos"))
     if overrides and desc.family == "nano":
         raise SourceError(f"--{' --'.join(sorted(overrides))} apply to the upstream families, not to {root} "
                           "(family nano)")

@@ -36,39 +36,57 @@ class FamilySpec:
     connector: str  # "qformer": Q-Former + projections; "concat4": drop CLS, 4 consecutive tokens, projection
     projections: tuple[str, ...]  # checkpoint Linear names applied in order, no nonlinearity in between
     llm: str  # "llama" | "phi2" (edge_vlm.families.upstream_llm)
-    prompt: PromptSpec
-    prompt_source: str  # where the template and stops come from
+    prompt: PromptSpec  # what upstream's own inference path renders (its demo): the default
+    prompt_source: str  # where the template, BOS and stops come from
+    train_prompt: PromptSpec  # the template the checkpoint was trained with (--prompt-style training)
+    train_prompt_source: str
     lora: LoraSpec | None = None  # required LoRA (merged at load)
     trained_norms: bool = False  # TinyGPT-V: the checkpoint carries the LLM's norm weights
     default_backend: str = "gguf"
 
 
+IMG = "<Img><ImageHere></Img>"
+PROMPT_STYLES = ("inference", "training")
 FAMILIES = {
     "minigpt4": FamilySpec(
         "MiniGPT-4 (Vicuna v0)", 224, "qformer", ("llama_proj",), "llama",
-        PromptSpec(template=SYSTEM + "###Human: <Img><ImageHere></Img> {prompt}###Assistant: ", add_bos=True, stop=["###"]),
-        "conversation.py CONV_VISION_Vicuna0 as demo.py renders it; demo stops on ### (ids 835 / 2277+29937)"),
+        PromptSpec(template=SYSTEM + f"###Human: {IMG} {{prompt}}###Assistant: ", add_bos=True, stop=["###"]),
+        "demo.py: conversation.py CONV_VISION_Vicuna0; the LLaMA tokenizer adds BOS to the first segment; "
+        "the demo stops on ### (ids 835 / 2277+29937)",
+        PromptSpec(template=f"###Human: {IMG} {{prompt}} ###Assistant: ", add_bos=True, stop=["###"]),
+        "train_configs/minigpt4_stage2_finetune.yaml: '###Human: {} ###Assistant: ', end_sym ###, BOS prepended"),
     "minigpt4-llama2": FamilySpec(
         "MiniGPT-4 (Llama-2-7B-chat)", 224, "concat4", ("llama_proj",), "llama",
-        PromptSpec(template=SYSTEM + "<s>[INST] <Img><ImageHere></Img> {prompt} [/INST] ", add_bos=True, stop=["</s>"]),
-        "conversation.py CONV_VISION_LLama2 as demo.py renders it; stops at </s>"),
+        PromptSpec(template=SYSTEM + f"<s>[INST] {IMG} {{prompt}} [/INST] ", add_bos=True, stop=["</s>"]),
+        "demo.py: conversation.py CONV_VISION_LLama2; BOS on the first segment; stops at </s>",
+        PromptSpec(template=f"[INST] {IMG} {{prompt}} [/INST] ", add_bos=True, stop=["</s>"]),
+        "train_configs/minigpt4_llama2_stage2_finetune.yaml: '[INST] {} [/INST] ', end_sym </s>"),
     "minigpt-v2": FamilySpec(
         "MiniGPT-v2 (Llama-2-7B-chat + LoRA)", 448, "concat4", ("llama_proj",), "llama",
-        PromptSpec(template="<s>[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["</s>", "[/INST]"]),
-        "conversation.py CONV_VISION_minigptv2 / demo_v2.py; put a task tag ([vqa], [caption], [grounding], ...) at "
-        "the start of the prompt; output cut at </s> and [/INST]",
+        PromptSpec(template=f"<s>[INST] {IMG} {{prompt}} [/INST]", add_bos=True, stop=["</s>", "[/INST]"]),
+        "demo_v2.py: conversation.py CONV_VISION_minigptv2; put a task tag ([vqa], [caption], [grounding], ...) "
+        "at the start of the prompt; output cut at </s> and [/INST]",
+        PromptSpec(template=f"[INST] {IMG} {{prompt}} [/INST]", add_bos=True, stop=["</s>", "[/INST]"]),
+        "train_configs/minigptv2_finetune.yaml: '[INST] {} [/INST]', end_sym </s>",
         lora=LoraSpec(("q_proj", "v_proj"), alpha=16.0)),
     "tinygpt-v": FamilySpec(
         "TinyGPT-V (Phi-2, stages 2-3)", 224, "qformer", ("llama_proj", "llama_proj2"), "phi2",
-        PromptSpec(template="###Human: <Img><ImageHere></Img> {prompt} ###Assistant: ", add_bos=True, stop=["###"]),
-        "train_configs/tinygptv_stage3.yaml, the template stage 3 was trained with ('###Human: {} ###Assistant: ', "
-        "end_sym ###, BOS <|endoftext|> prepended in training); the demo's system text and LLaMA stop ids are not used",
+        PromptSpec(template=SYSTEM + f"###Human: {IMG} {{prompt}}###Assistant: ", add_bos=False, stop=["###"]),
+        "demo.py with eval_configs/tinygptv_stage1_2_3_eval.yaml: conversation.py CONV_VISION_Vicuna0 (MiniGPT-4's "
+        "system text); Phi-2's tokenizer adds no BOS at inference (CodeGenTokenizer add_bos_token=False); "
+        "the answer is cut at ###",
+        PromptSpec(template=f"###Human: {IMG} {{prompt}} ###Assistant: ", add_bos=True, stop=["###"]),
+        "train_configs/tinygptv_stage3.yaml: '###Human: {} ###Assistant: ', end_sym ###, BOS <|endoftext|> "
+        "prepended in training",
         lora=LoraSpec(("query_key_value", "dense"), alpha=16.0), trained_norms=True, default_backend="onnx"),
     "tinygpt-v-stage4": FamilySpec(
         "TinyGPT-V (Phi-2, stage 4)", 448, "qformer", ("llama_proj", "llama_proj2"), "phi2",
-        PromptSpec(template="[INST] <Img><ImageHere></Img> {prompt} [/INST]", add_bos=True, stop=["###"]),
-        "train_configs/tinygptv_stage4.yaml: chat_template with from_config's default '[INST] {} [/INST]', end_sym ###; "
-        "put a task tag ([vqa], ...) at the start of the prompt",
+        PromptSpec(template=f"<s>[INST] {IMG} {{prompt}} [/INST]", add_bos=False, stop=["###"]),
+        "demo_v2.py: its own Conversation (roles '<s>[INST] ' / ' [/INST]'; <s> is plain text for Phi-2), no BOS, "
+        "the answer is cut at ###; put a task tag ([vqa], ...) at the start of the prompt",
+        PromptSpec(template=f"[INST] {IMG} {{prompt}}  [/INST]", add_bos=True, stop=["###"]),
+        "train_configs/tinygptv_stage4.yaml: chat_template with from_config's default '[INST] {} [/INST]' around "
+        "'<Img><ImageHere></Img> {} ', end_sym ###, BOS prepended in training",
         lora=LoraSpec(("query_key_value", "dense"), alpha=16.0), trained_norms=True, default_backend="onnx"),
 }
 
@@ -92,6 +110,8 @@ class UpstreamSource:
     qformer: str | None = None
     template: str | None = None  # override the family's prompt template ({prompt}, <ImageHere>)
     stop: tuple[str, ...] | None = None  # override the family's stop strings
+    add_bos: bool | None = None  # override whether BOS starts the prompt (default: the family's prompt style)
+    prompt_style: str = "inference"  # inference: what upstream's demo renders; training: the training template
     lora_alpha: float | None = None
     trust_checkpoint: bool = False
     tokenizer_pre: str = "default"  # llama.cpp pre-tokenizer name for byte-level BPE tokenizers
@@ -116,10 +136,24 @@ class UpstreamSource:
         files = {f: str(Path(p) if Path(p).is_absolute() else root / p) for f in FILE_FIELDS
                  if (p := getattr(d, f)) is not None}
         return cls(family=d.family, **files, template=d.template, stop=tuple(d.stop) if d.stop is not None else None,
+                   add_bos=d.add_bos, prompt_style=d.prompt_style or "inference",
                    lora_alpha=d.lora_alpha, trust_checkpoint=d.trust_checkpoint, tokenizer_pre=d.tokenizer_pre,
                    vit_dims=eq.VitDims(**d.vit_dims.model_dump()),
                    qformer_dims=eq.QFormerDims(**d.qformer_dims.model_dump()), name=d.name or "", llm_dtype=d.llm_dtype or "float32",
                    expect_image_size=d.image_size, expect_image_tokens=d.image_tokens)
+
+
+def family_prompt(spec: FamilySpec, src: UpstreamSource) -> tuple[PromptSpec, str]:
+    """The prompt a bundle runs with: the family's inference (default) or training template, with the
+    user's template, stop strings and BOS choice over it; and where it comes from (for the manifest)."""
+    base, source = (spec.prompt, spec.prompt_source) if src.prompt_style != "training" else \
+        (spec.train_prompt, spec.train_prompt_source)
+    overrides = [f"{k} (user)" for k, v in (("template", src.template), ("stop", src.stop), ("BOS", src.add_bos))
+                 if v is not None]
+    prompt = PromptSpec(template=src.template or base.template, image_marker=base.image_marker,
+                        add_bos=base.add_bos if src.add_bos is None else src.add_bos,
+                        stop=list(src.stop if src.stop is not None else base.stop))
+    return prompt, source + (f"; overridden: {', '.join(overrides)}" if overrides else "")
 
 
 def vision_stack_class():
@@ -271,10 +305,7 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
         if want is not None and want != got:
             raise SourceError(f"the recipe expects {what} {want} but {src.family} with these files has {got}: "
                               "wrong recipe for this family?")
-    prompt = PromptSpec(template=src.template or spec.prompt.template, image_marker=spec.prompt.image_marker,
-                        add_bos=spec.prompt.add_bos, stop=list(src.stop if src.stop is not None else spec.prompt.stop))
-    if prompt.image_marker not in prompt.template:
-        raise SourceError(f"the prompt template {prompt.template!r} has no {prompt.image_marker} marker for the image")
+    prompt, prompt_source = family_prompt(spec, src)
     pre = Preprocess(image_size=spec.image_size, mean=list(eq.CLIP_MEAN), std=list(eq.CLIP_STD), resize="bicubic")
     description = {
         "name": src.name or f"{src.family}-{Path(src.ckpt).stem}", "description": spec.title,
@@ -283,7 +314,7 @@ def load_upstream(src: UpstreamSource, log=lambda msg: print(msg, file=sys.stder
         # LLaMA's SentencePiece model, when the LLM folder has one (the gguf backend writes it as is)
         **({"spm_model": str(Path(src.llm) / "tokenizer.model")} if (Path(src.llm) / "tokenizer.model").is_file() else {}),
         "files": {f: getattr(src, f) for f in FILE_FIELDS if getattr(src, f)},
-        "prompt_source": spec.prompt_source if src.template is None else "user override",
+        "prompt_source": prompt_source, "prompt_style": src.prompt_style,
         "default_backend": spec.default_backend, "keys": report,
         **({"detected": detected} if detected else {}),
     }

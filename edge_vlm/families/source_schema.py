@@ -295,6 +295,8 @@ class UpstreamFields(Schema):
     llm: PathStr | None = None
     template: Annotated[Template, AfterValidator(_one_image_marker)] | None = None
     stop: Stop | None = None
+    add_bos: StrictBool | None = None  # --bos / --no-bos (default: the family's prompt style)
+    prompt_style: Literal["inference", "training"] | None = None  # --prompt-style (default inference)
     lora_alpha: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
     tokenizer_pre: PreTokenizer = "default"
     image_size: ImageSize | None = None  # a recipe's statement of the family's shapes: the size is checked

@@ -26,6 +26,8 @@ class TorchLLMSession:
         special = set(tokenizer.all_special_tokens) | {
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
         self.eog = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in EOG_TEXTS if t in special}
+        # the config's flag, applied as transformers 4.x did (transformers 5 skips it for BPE tokenizers)
+        self.clean_up_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.reset()
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -70,7 +72,10 @@ class TorchLLMSession:
         return token in self.eog
 
     def detokenize(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=False)
+        from edge_vlm.runtime.tokenizer import clean_up_spaces
+
+        text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return clean_up_spaces(text) if self.clean_up_spaces else text
 
     def close(self):
         self.model = self.cache = None

@@ -7,11 +7,19 @@ from pathlib import Path
 from edge_vlm.errors import BundleError
 
 
-# transformers' `clean_up_tokenization_spaces` (on for some tokenizers, e.g. Phi-2's): decoded text
-# loses the space before these. Applied when the export recorded the flag, so text and stop
-# strings match the torch reference's.
+# transformers' `clean_up_tokenization_spaces` (set in some tokenizer configs, e.g. old-format Phi-2's):
+# decoded text loses the space before these, in this order (transformers 4.36's
+# `clean_up_tokenization`, which TinyGPT-V pins and whose output users compare with). transformers 5
+# ignores the flag for BPE tokenizers, so edge-vlm applies it itself, on the torch side and in bundles
+# alike, whenever the tokenizer's config sets it.
 CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_spaces(text: str) -> str:
+    for a, b in CLEANUP:
+        text = text.replace(a, b)
+    return text
 
 
 class BundleTokenizer:
@@ -35,7 +43,4 @@ class BundleTokenizer:
 
     def detokenize(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=False)
-        if self.clean_up_spaces:
-            for a, b in CLEANUP:
-                text = text.replace(a, b)
-        return text
+        return clean_up_spaces(text) if self.clean_up_spaces else text
