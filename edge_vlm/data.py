@@ -2,7 +2,6 @@
 (`questions.json` = [[question, answer, image_id], ...] and `images/<image_id>.png`)."""
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -53,14 +52,9 @@ IMAGE_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 def read_rows(path: Path) -> list:
     """questions.json as a list of checked rows; anything else is BadInput naming the file and the first
     bad row. Plain checks, no schema library: easy-VQA's 48k rows take a few ms."""
-    try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, nesting past the stack
-        raise BadInput(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    from edge_vlm.textfiles import read_structured
+
+    rows = read_structured(path, BadInput)
     if not isinstance(rows, list) or not rows:
         what = "an empty list" if rows == [] else JSON_KINDS.get(type(rows), type(rows).__name__)
         raise BadInput(f"{path} holds {what}; expected a non-empty list of rows {ROW}")

@@ -65,17 +65,12 @@ def load_recipe(path: str) -> dict:
     fields and wrong types are errors, not silently ignored. Relative paths start at the recipe."""
     import tomllib
 
+    from edge_vlm.textfiles import read_structured
+
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_bytes().decode("utf-8"))
-    except FileNotFoundError as e:
-        raise BadInput(f"recipe {p} does not exist (recipes live in export/)") from e
-    except OSError as e:
-        raise BadInput(f"cannot read recipe {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise BadInput(f"recipe {p} is not UTF-8 text (byte {e.start})") from None
-    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:  # nesting past the stack, huge numbers
-        raise BadInput(f"recipe {p} is not valid TOML: {str(e)[:200]}") from None
+    if not p.exists():
+        raise BadInput(f"recipe {p} does not exist (recipes live in export/)")
+    data = read_structured(p, BadInput, tomllib.loads, "TOML")  # TOMLDecodeError is a ValueError
     data = parse_recipe(data, str(p))
     data.pop("description", None)  # for people reading the recipe
     if "source" in data and not Path(data["source"]).is_absolute():

@@ -75,14 +75,9 @@ def describe_source(source: str | None = None, overrides: dict | None = None) ->
 
 def read_json(path: Path, error=SourceError):
     """A JSON file's value; unreadable, not UTF-8, not JSON or absurdly nested -> `error` naming it."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, nesting past the stack
-        raise error(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    from edge_vlm.textfiles import read_structured
+
+    return read_structured(path, error)
 
 
 def load_source(source: str | None = None, overrides: dict | None = None, defer_llm: bool = False):
