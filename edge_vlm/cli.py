@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_int_in(1, 4096), default=None,
                    help="onnx: MatMulNBits block size (default 32); gptq: group size (default: largest of 128/64/32 dividing the layer widths)")
     p.add_argument("--accuracy-level", type=_int_in(0, 4), default=None,
-                   help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: onnxruntime's)")
+                   help="onnx: MatMulNBits compute type 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default 4: "
+                        "onnxruntime's fast CPU kernels; 0 = its default, slower on a CPU; ignored on CUDA)")
     p.add_argument("--int4-method", choices=["hqq", "rtn"], default=None,
-                   help="onnx --bits 4: hqq (default; float zero points, optimized) or rtn (round to nearest)")
+                   help="onnx --bits 4: hqq (default; optimized zero points, split exactly into integer ones plus a "
+                        "small correction so the fast kernel runs) or rtn (round to nearest)")
     p.add_argument("--calibration", choices=["image", "text"], default=None,
                    help="gptq: calibrate on image-conditioned sequences (default) or on text alone")
     p.add_argument("--calibration-data", default=None,
@@ -547,6 +549,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nedge-vlm {a.cmd}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge-vlm inspect B | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except MemoryError:
         print(f"\nedge-vlm {a.cmd}: error: out of memory; `edge-vlm plan` says what fits this machine", file=sys.stderr)
         return 3 if a.cmd in ("run", "inspect", "plan", "bench", "eval") else 5

@@ -136,7 +136,9 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     assert q.method == {4: "MatMulNBits int4 (hqq)", 8: "MatMulNBits int8 (rtn)"}[bits]
     # every matmul, the tied output head included; the token-embedding table beside the graph is fp16
     types = q.tensor_types
-    assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] > 0.99
+    # (4 bits: HQQ's zero points split into integer ones + fp32 corrections, one per block and column)
+    assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] + types.get(
+        "float (HQQ zero-point corrections)", 0) > 0.99
     assert bits < q.bits_per_weight < 16
     assert set(m.files) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
     with Pipeline.load(b, CPU) as p:
@@ -331,3 +333,36 @@ def test_gptq_refuses_16_bits_and_a_missing_calibration_set(tiny_source, tmp_pat
     code, _, err = run_cli(["export", str(tiny_source), "--backend", "gptq", "--calibration-data", tmp_path,
                             "-o", tmp_path / "b"], capsys)
     assert code == 2 and "no calibration set" in err and not (tmp_path / "b").exists()
+
+
+def test_hqq_zero_point_split_is_exact_and_on_the_fast_path():
+    """HQQ's float zero points become packed uint8 ones plus a correction matmul: the same outputs (at
+    accuracy_level 0, where both compute in fp32), and no float zero point is left to slow the kernel."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+    from edge_vlm.export.llm_onnx import _matmul_nbits_quantizer, split_float_zero_points
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 160  # 3 blocks of 32: an odd number of zero points per row (packing pads the byte)
+    g = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, "s", k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, "s", n])],
+                          [numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    qz = _matmul_nbits_quantizer()(model, bits=4, block_size=32, op_types_to_quantize=("MatMul",),
+                                   algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4,
+                                                                        op_types_to_quantize=("MatMul",)))
+    qz.process()
+    hqq = qz.model.model
+    fast = onnx.ModelProto()
+    fast.CopyFrom(hqq)
+    assert split_float_zero_points(fast) == 1
+    zp = {t.name: t for t in fast.graph.initializer}[next(x for x in fast.graph.node if x.op_type == "MatMulNBits").input[3]]
+    assert zp.data_type == TensorProto.UINT8 and list(zp.dims) == [n * 2]
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+           for m in (hqq, fast)]
+    assert np.abs(run[0] - run[1]).max() < 1e-4 * max(1.0, np.abs(run[0]).max())
