@@ -60,7 +60,7 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
 
 POSITIVE = _int_in(1)
 COUNT = _int_in(0)
-THREADS = _int_in(0, None, " (0 = every core)")
+THREADS = _int_in(0, 1 << 20)  # more than the cores is capped with a note (limits.threads)
 SEED = _int_in(-1, 2 ** 63 - 1)
 
 
@@ -306,6 +306,47 @@ examples:
     return ap
 
 
+def _writable_file(path: str, flag: str):
+    """A results file the command will write at its end, checked at its start (a long run must not be
+    lost to a typo): its folder exists and is writable, and it is not itself a folder."""
+    from pathlib import Path
+
+    from edge_vlm.errors import BadInput
+
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {p} is a folder: give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BadInput(f"{flag} {p}: its folder {parent} does not exist or is not writable")
+    return p
+
+
+def _writable_folder(path: str, flag: str):
+    """A folder the command fills at its end: created now if missing, so that a bad path fails first."""
+    from pathlib import Path
+
+    from edge_vlm.errors import BadInput
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{flag} {p}: cannot create this folder ({e.strerror or e})") from None
+    if not p.is_dir() or not os.access(p, os.W_OK):
+        raise BadInput(f"{flag} {p} is not a writable folder")
+    return p
+
+
+def _cap_threads(a) -> None:
+    """--threads above the machine's cores: capped, with a note (llama.cpp's threads spin while waiting)."""
+    from edge_vlm.limits import threads
+
+    a.threads, note = threads(a.threads)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def cmd_export(a):
     from edge_vlm.errors import BadInput
     from edge_vlm.export.run import ExportConfig, run
@@ -316,13 +357,15 @@ def cmd_export(a):
     from pathlib import Path
 
     from edge_vlm.export.run import SOURCE_FIELDS
+    from edge_vlm.limits import absolute_path
 
+    _cap_threads(a)
     fields = load_recipe(a.recipe) if a.recipe else {}
     upstream = {k: fields.pop(k) for k in SOURCE_FIELDS if k in fields}
     given = {"family": a.family, "template": a.template, "stop": a.stop, "lora_alpha": a.lora_alpha,
              "add_bos": a.bos, "prompt_style": a.prompt_style,
              "tokenizer_pre": a.tokenizer_pre, "trust_checkpoint": a.trust_checkpoint, "llm_dtype": a.llm_dtype,
-             **{k: str(Path(getattr(a, k)).resolve()) for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
+             **{k: absolute_path(getattr(a, k), f"--{k}") for k in ("vit", "qformer", "ckpt", "llm") if getattr(a, k)}}
     upstream.update({k: v for k, v in given.items() if v is not None})
     files = {"vit", "qformer", "ckpt", "llm"} & set(upstream)
     if files and "family" not in upstream:  # without files, the flags override a SOURCE's description
@@ -383,6 +426,7 @@ def cmd_synth(a):
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out} exists and is not an empty folder: pick a new folder")
+    _writable_folder(a.out, "-o")
     t0 = time.perf_counter()
     synth.write(a.family, out, a.size, a.seed, progress=lambda part: print(f"writing {part} ...", file=sys.stderr))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -462,14 +506,18 @@ def cmd_inspect(a):
 
 
 def cmd_eval(a):
+    from edge_vlm.errors import BadInput
     from edge_vlm.eval import EvalConfig, evaluate
 
+    _cap_threads(a)
+    out = _writable_file(a.out, "--out") if a.out else None
     res = evaluate(EvalConfig(target=a.target, dataset=a.dataset, split=a.split, limit=a.limit, seed=a.seed,
                               threads=a.threads), progress=not a.json)
-    if a.out:
-        from pathlib import Path
-
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    if out:
+        try:
+            out.write_text(json.dumps(res, indent=2) + "\n")
+        except OSError as e:
+            raise BadInput(f"--out {out}: cannot write it ({e.strerror or e})") from None
     summary = {k: v for k, v in res.items() if k != "records"}
     if a.json:
         print(json.dumps(summary, indent=2))
@@ -482,6 +530,7 @@ def cmd_eval(a):
 def cmd_align(a):
     from edge_vlm.align import AlignConfig, run
 
+    _cap_threads(a)
     s = run(AlignConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=a.out,
                         cache_dir=a.cache_dir, resume=a.resume, threads=a.threads))
     print(json.dumps(s, indent=2))
@@ -493,6 +542,12 @@ def cmd_bench(a):
     from edge_vlm.bench.config import DEFAULT_PROMPT, BenchConfig
     from edge_vlm.bench.run import run, write
 
+    _cap_threads(a)
+    _writable_folder(a.out_dir, "--out-dir")
+    if not a.name or "/" in a.name or a.name.startswith("."):
+        from edge_vlm.errors import BadInput
+
+        raise BadInput(f"--name {a.name!r}: a plain file name (no '/', not hidden) for the results")
     cfg = BenchConfig(bundles=tuple(a.bundles), reference=a.reference, reference_dtype=a.reference_dtype,
                       dataset=a.dataset, split=a.split,
                       limit=a.limit, runs=a.runs, warmup=a.warmup, max_new_tokens=a.max_new_tokens,

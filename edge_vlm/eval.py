@@ -27,7 +27,7 @@ class EvalConfig:
             raise BadInput(f"--limit {self.limit}: give a number of questions >= 1 (or no --limit for all)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise BadInput(f"--seed {self.seed}: give a whole number >= 0")
-        limits.threads(self.threads)
+        object.__setattr__(self, "threads", limits.threads(self.threads)[0])  # never more threads than cores
 
 
 def is_bundle(target: str | None) -> bool:

@@ -44,6 +44,16 @@ def n_ctx(n: int | None, flag: str = "--n-ctx") -> int | None:
     return n
 
 
+def absolute_path(path, flag: str) -> str:
+    """A user-given path made absolute; a symlink loop or an unusable name is BadInput, not a crash."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise BadInput(f"{flag} {str(path)[:200]}: cannot resolve this path ({e})") from None
+
+
 def prompt_text(text, what: str = "prompt") -> str:
     """User text must be a str that encodes as UTF-8 (argv bytes that are not UTF-8 arrive as lone
     surrogates, and so do broken strings from the Python API)."""

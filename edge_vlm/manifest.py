@@ -184,7 +184,7 @@ class PromptSpec(_Section):
 class SourceInfo(_Record):
     description: Text = ""
     path: Annotated[str, Field(max_length=4096)] = ""  # where the source was on the exporting machine
-    name: Annotated[str, Field(max_length=256)] = ""
+    name: Annotated[str, Field(max_length=4096)] = ""
 
 
 class VisionCheck(_Record):
@@ -261,6 +261,9 @@ class Manifest(_Section):
         if _depth(d) > MAX_DEPTH:
             raise BundleError(f"manifest.json is nested more than {MAX_DEPTH} levels deep: it was not written by "
                               "edge-vlm; export the bundle again")
+        if not _all_text(d):
+            raise BundleError("manifest.json holds a string that is not Unicode text (a lone surrogate escape): "
+                              "it was not written by edge-vlm; export the bundle again")
         try:
             m = cls.model_validate(d, strict=True)
         except ValidationError as e:
@@ -280,6 +283,24 @@ def describe_errors(e: ValidationError, limit: int = 3) -> str:
         parts.append(f"{where[:120]}: {err['msg'][:200]}")
     more = e.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _all_text(obj) -> bool:
+    """Every key and string value encodes as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def _depth(obj, limit: int = MAX_DEPTH + 1) -> int:
@@ -316,7 +337,11 @@ def load_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a bundle folder: create one with `edge-vlm export -o {bundle}`")
-    if path.is_symlink() or (path.exists() and not path.is_file()):
+    try:
+        link = path.is_symlink()  # raises on a folder this user cannot search (Python 3.11)
+    except OSError as e:
+        raise BundleError(f"cannot read {path} ({e.strerror or e}): check the folder's permissions") from None
+    if link or (path.exists() and not path.is_file()):
         raise BundleError(f"{path} is not a regular file (a link or a device): edge-vlm reads only plain files "
                           "inside a bundle; export it again")
     if not path.is_file():
@@ -341,10 +366,7 @@ def _restore_parked(bundle: Path) -> None:
         from edge_vlm.export.bundle import restore_parked
     except ImportError:  # pragma: no cover - the export package is part of edge-vlm
         return
-    try:
-        restore_parked(bundle)
-    except OSError:
-        pass  # a read-only parent: the checks below say what is missing
+    restore_parked(bundle)  # never raises: a folder it cannot fix is reported by the checks below
 
 
 VERIFY_MODES = ("once", "sha256", "size")
@@ -420,20 +442,23 @@ def verify_files(bundle: Path, manifest: Manifest, hashes: bool | str = True) ->
     for name, rec in manifest.files.items():
         p = check_regular_inside(Path(bundle), name)
         row = {"file": name, "bytes": rec.bytes, "sha256": rec.sha256, "status": "ok"}
-        if p is None:
-            row["status"] = "missing"
-        elif p.stat().st_size != rec.bytes:
-            row["status"] = f"size {p.stat().st_size} != {rec.bytes} (truncated or replaced)"
-        elif mode != "size":
-            st = p.stat()
-            key = str(p.resolve())
-            stamp = [st.st_size, st.st_mtime_ns, rec.sha256]
-            if mode == "sha256" or stamps.get(key) != stamp:
-                if sha256_file(p) != rec.sha256:
-                    row["status"] = "sha256 mismatch (corrupted or replaced)"
-                elif mode == "once":
-                    stamps[key] = stamp
-                    changed = True
+        try:
+            if p is None:
+                row["status"] = "missing"
+            elif p.stat().st_size != rec.bytes:
+                row["status"] = f"size {p.stat().st_size} != {rec.bytes} (truncated or replaced)"
+            elif mode != "size":
+                st = p.stat()
+                key = str(p.resolve())
+                stamp = [st.st_size, st.st_mtime_ns, rec.sha256]
+                if mode == "sha256" or stamps.get(key) != stamp:
+                    if sha256_file(p) != rec.sha256:
+                        row["status"] = "sha256 mismatch (corrupted or replaced)"
+                    elif mode == "once":
+                        stamps[key] = stamp
+                        changed = True
+        except OSError as e:  # a file this user may not read
+            row["status"] = f"unreadable ({e.strerror or e})"
         rows.append(row)
         if row["status"] != "ok":
             bad.append(f"{name}: {row['status']}")

@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Callable
 
 
+MAX_BYTES = 256 << 20  # a source description or a recipe is a few kB; easy-VQA's questions.json 3 MB
+
+
 def read_structured(path: Path, error: type[Exception], parse: Callable[[str], object] = json.loads,
                     what: str = "JSON") -> object:
     """`parse(text of path)`; unreadable, not UTF-8, unparsable or absurdly nested -> `error` naming it."""
     path = Path(path)
     try:
+        if not path.is_file():  # a folder, a FIFO (reading it would hang), a device
+            raise error(f"{path} is not a regular file" if path.exists() else f"{path} does not exist")
+        if path.stat().st_size > MAX_BYTES:
+            raise error(f"{path} is {path.stat().st_size >> 20} MB: more than a {what} file edge-vlm reads "
+                        f"({MAX_BYTES >> 20} MB at most)")
         return parse(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path} does not exist") from None

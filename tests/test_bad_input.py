@@ -175,10 +175,14 @@ def test_killed_export_is_not_a_bundle(tmp_path, capsys):
     partial = tmp_path / f".b.partial-{dead}"
     partial.mkdir()
     (partial / "vision.onnx").write_bytes(b"x")
+    (partial / ".edge-vlm-writer").write_text(f"{dead} -\n")  # every export marks its partial folder
+    mine = tmp_path / f".data.partial-{dead}"  # a user's own folder that merely looks like one
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
     code, _, err = run_cli(["inspect", partial], capsys)
     assert code == 3
     with BundleWriter(tmp_path / "b"):
-        assert not partial.exists()
+        assert not partial.exists() and (mine / "notes.txt").exists()
 
 
 def test_vision_output_not_matching_manifest(bundle_copy, shape_image, capsys):

@@ -48,6 +48,15 @@ def _cases(bundle: Path, source: Path, image: Path, work: Path):
     m = json.loads((string_stop / "manifest.json").read_text())
     m["prompt"]["stop"] = "###"
     (string_stop / "manifest.json").write_text(json.dumps(m))
+    loop = work / "loop"
+    os.symlink(loop, loop)  # a symbolic link to itself
+    fifo = work / "recipe.toml"
+    os.mkfifo(fifo)  # reading it would block forever
+    bad_config = work / "bad-config"
+    (bad_config / "phi").mkdir(parents=True)
+    (bad_config / "phi" / "config.json").write_text("[]")
+    (bad_config / "edge-vlm-source.json").write_text(json.dumps(
+        {"family": "tinygpt-v", "vit": "v.pth", "qformer": "q.pth", "ckpt": "c.pth", "llm": "phi"}))
     run = ["run", bundle, "--image", image, "--prompt", "what color?", "--max-tokens", "2"]
     return [
         ("run --n-ctx 1", run + ["--n-ctx", "1"], 2, "--n-ctx 1"),
@@ -81,6 +90,15 @@ def _cases(bundle: Path, source: Path, image: Path, work: Path):
         ("export recipe trusts", ["export", source, "--recipe", recipe, "-o", work / "o4"], 2, "--trust-checkpoint"),
         ("export recipe types", ["export", source, "--recipe", bad_recipe, "-o", work / "o5"], 2, "bits"),
         ("export --group-size 0", ["export", source, "--group-size", "0", "-o", work / "o6"], 2, "--group-size"),
+        ("inspect a symlink loop", ["inspect", loop], 3, "not a bundle"),
+        ("run a symlink loop", ["run", loop, "--image", image, "--prompt", "hi"], 3, "not a bundle"),
+        ("export --vit a symlink loop", ["export", "--family", "tinygpt-v", "--vit", loop, "--qformer", loop,
+                                         "--ckpt", loop, "--llm", loop, "-o", work / "o7"], 2, "--vit"),
+        ("export recipe is a FIFO", ["export", source, "--recipe", fifo, "-o", work / "o8"], 2, "not a regular file"),
+        ("run --threads 3e9", run + ["--threads", "3000000000"], 2, "--threads"),
+        ("plan a source whose LLM config is a list", ["plan", bad_config, "--device", "cpu:8"], 4, "config.json"),
+        ("eval --out is a folder", ["eval", bundle, "--out", work], 2, "--out"),
+        ("bench --out-dir under a file", ["bench", bundle, "--out-dir", text_file / "r"], 2, "--out-dir"),
         ("synth into a file", ["synth", "--family", "tinygpt-v", "--size", "mini", "-o", text_file], 2, "notes.txt"),
     ]
 

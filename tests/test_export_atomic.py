@@ -3,6 +3,7 @@ never a half bundle; its leftovers are cleaned by the next export into the same 
 clear errors, found before any heavy work. No model is exported: BundleWriter is driven directly."""
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,8 +85,12 @@ def test_dead_writers_partial_of_any_name_is_removed(tmp_path, dead_pid):
         stale = tmp_path / f".{name}.partial-{dead_pid}"
         stale.mkdir()
         (stale / "vision.onnx").write_bytes(b"half")
+        (stale / WRITER_MARK).write_text(f"{dead_pid} -\n")
+    users = tmp_path / f".data.partial-{dead_pid}"  # looks like ours, holds a user's file: kept
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     write_bundle(tmp_path / "b")
-    assert os.listdir(tmp_path) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["b", users.name])
 
 
 def test_live_writers_partial_is_kept_unless_its_pid_was_reused(tmp_path, live_pid):
@@ -117,24 +122,38 @@ def test_only_our_own_leftover_names_are_touched(tmp_path, dead_pid):
 
 
 def park(b: Path, pid: int) -> Path:
-    """What a --force export killed between its two renames leaves."""
+    """What a --force export killed between its two renames leaves: the old bundle parked, and the
+    new one, complete but unpublished, in its partial folder."""
     parked = b.parent / f".{b.name}.old-{pid}"
     b.rename(parked)
+    shutil.copytree(parked, b.parent / f".{b.name}.partial-{pid}")
     return parked
 
 
 def test_restore_parked_puts_back_a_dead_writers_bundle(tmp_path, dead_pid):
     b = write_bundle(tmp_path / "b")
     park(b, dead_pid)
-    assert restore_parked(b) is True and tag_of(b) == "v1" and os.listdir(tmp_path) == ["b"]
+    assert restore_parked(b) is True and tag_of(b) == "v1" and sorted(os.listdir(tmp_path)) == [
+        f".b.partial-{dead_pid}", "b"]  # the unpublished one goes with the next export
     assert restore_parked(b) is False  # nothing to do: one stat
     assert restore_parked(tmp_path / "nothing" / "here") is False
+
+
+def test_a_parked_bundle_whose_replacement_was_published_is_not_restored(tmp_path, dead_pid):
+    """Killed after publishing the new bundle, before dropping the old: if the user then deletes the
+    bundle, the stale old one must not come back; the next export drops it."""
+    b = write_bundle(tmp_path / "b")
+    parked = park(b, dead_pid)
+    shutil.rmtree(tmp_path / f".b.partial-{dead_pid}")  # published (renamed into place), then deleted by the user
+    assert restore_parked(b) is False and not b.exists()
+    write_bundle(tmp_path / "c")
+    assert not parked.exists() and os.listdir(tmp_path) == ["c"]
 
 
 def test_any_command_reading_the_bundle_puts_back_a_parked_one(tmp_path, dead_pid):
     b = write_bundle(tmp_path / "b")
     park(b, dead_pid)
-    assert tag_of(b) == "v1" and os.listdir(tmp_path) == ["b"]  # load_manifest calls restore_parked
+    assert tag_of(b) == "v1" and "b" in os.listdir(tmp_path)  # load_manifest calls restore_parked
 
 
 def test_restore_parked_leaves_a_live_writers_bundle(tmp_path, live_pid):
@@ -145,8 +164,7 @@ def test_restore_parked_leaves_a_live_writers_bundle(tmp_path, live_pid):
 
 def test_next_export_into_the_folder_restores_a_parked_bundle(tmp_path, dead_pid):
     b = write_bundle(tmp_path / "b")
-    park(b, dead_pid)
-    (tmp_path / f".b.partial-{dead_pid}").mkdir()  # the new bundle that never arrived
+    park(b, dead_pid)  # with the new bundle that never arrived
     write_bundle(tmp_path / "c")
     assert tag_of(b) == "v1" and sorted(os.listdir(tmp_path)) == ["b", "c"]
     with pytest.raises(BadInput, match="already exists"):  # the restored bundle is protected again
@@ -157,6 +175,7 @@ def test_parked_bundle_is_dropped_once_a_newer_one_is_in_place(tmp_path, dead_pi
     new = write_bundle(tmp_path / "new", "v2")
     b = write_bundle(tmp_path / "b")
     park(b, dead_pid)
+    shutil.rmtree(tmp_path / f".b.partial-{dead_pid}")
     new.rename(b)  # as a --force export killed after publishing its bundle leaves it
     assert restore_parked(b) is False
     assert hidden(tmp_path) == [f".b.old-{dead_pid}"]  # another name's export cleans it too

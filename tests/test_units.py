@@ -140,3 +140,23 @@ def test_grey_and_16bit_images_preprocess_like_their_8bit_rgb_versions():
     assert g16.mode.startswith("I;16")
     np.testing.assert_allclose(preprocess(g16, *args), want, atol=1e-6)
     np.testing.assert_allclose(preprocess(Image.fromarray(g8.astype(np.float32) / 255, "F"), *args), want, atol=1e-6)
+
+
+def test_streamed_text_with_space_clean_up_equals_the_final_text():
+    """Phi-2's tokenizer config cleans up spaces (" 's" -> "'s"): what streams must add up to the final
+    text even though the clean-up rewrites characters already decoded."""
+    from edge_vlm.manifest import PromptSpec
+    from edge_vlm.runtime.generate import generate
+    from edge_vlm.runtime.sampling import SamplingConfig
+    from edge_vlm.runtime.tokenizer import clean_up_spaces
+
+    class CleaningLLM(ScriptedLLM):
+        clean_up_spaces = True
+
+        def detokenize(self, ids):
+            return clean_up_spaces(super().detokenize(ids))
+
+    pieces = ["John", " '", " s", " car", " is", " n", "'t", " red", " ."]
+    out = list(generate(CleaningLLM(pieces), PromptSpec(template="<ImageHere> {prompt}"), "q",
+                        np.zeros((2, 4), np.float32), SamplingConfig(max_tokens=len(pieces))))
+    assert "".join(out) == clean_up_spaces("".join(pieces)) == "John's car isn't red."

@@ -14,6 +14,7 @@ import numpy as np
 from edge_vlm.bench import summary
 from edge_vlm.bench.config import BenchConfig, TargetSpec
 from edge_vlm.errors import BadInput, EdgeVLMError
+from edge_vlm.limits import absolute_path
 
 RAM_SHARE = 0.8  # interleave only when the predicted peaks of all targets fit in this share of free RAM
 
@@ -105,7 +106,7 @@ def targets_for(cfg: BenchConfig) -> list[TargetSpec]:
     for b, label in zip(cfg.bundles, labels):
         load_manifest(Path(b))  # a wrong folder fails here, before anything starts
         # absolute: the results name the bundle wherever the bench was run from
-        out.append(TargetSpec(label, "bundle", str(Path(b).resolve()), cfg.device, cfg.threads, cfg.n_ctx,
+        out.append(TargetSpec(label, "bundle", absolute_path(b, "bundle"), cfg.device, cfg.threads, cfg.n_ctx,
                               cfg.vision_device))
     if not out:
         raise BadInput("nothing to measure: give one or more bundles and/or --reference SOURCE")

@@ -78,6 +78,15 @@ def _looks_parked(path: Path) -> bool:
         return False
 
 
+def _looks_partial(path: Path) -> bool:
+    """A partial folder holds our writer mark, a manifest (between the last two renames) or nothing:
+    never delete a user's own `.data.partial-1234` folder."""
+    try:
+        return (path / WRITER_MARK).is_file() or (path / MANIFEST).is_file() or not any(path.iterdir())
+    except OSError:
+        return False
+
+
 def _leftovers(parent: Path):
     """(path, NAME, kind) for each hidden folder in `parent` left by a dead writer."""
     try:
@@ -92,7 +101,8 @@ def _leftovers(parent: Path):
         except OSError:
             continue
         pid, path = int(m["pid"]), Path(e.path)
-        if not 0 < pid <= _PID_MAX or (m["kind"] == "old" and not _looks_parked(path)):
+        looks_ours = _looks_parked(path) if m["kind"] == "old" else _looks_partial(path)
+        if not 0 < pid <= _PID_MAX or not looks_ours:
             continue
         if not _writer_alive(parent / f".{m['name']}.partial-{pid}", pid):
             yield path, m["name"], m["kind"]
@@ -106,15 +116,24 @@ def restore_parked(bundle_path) -> bool:
         target = Path(bundle_path).resolve()
         if os.path.lexists(target) or not target.name:
             return False  # the common case costs one stat
-        parked = [p for p, name, kind in _leftovers(target.parent) if kind == "old" and name == target.name]
+        # only while its writer's new bundle is still unpublished (its partial folder is there): once that
+        # was renamed into place the parked one is stale, even if the user has since deleted the bundle
+        parked = [p for p, name, kind in _leftovers(target.parent) if kind == "old" and name == target.name
+                  and _partial_of(p).is_dir()]
         if not parked:
             return False
         newest = max(parked, key=lambda p: p.stat().st_ctime)  # several dead --force runs: the last one parked
         newest.rename(target)
         _fsync_dir(target.parent)
         return True
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Path.resolve on Python 3.11)
         return False
+
+
+def _partial_of(parked: Path) -> Path:
+    """`.NAME.partial-PID` of the writer that parked `.NAME.old-PID`."""
+    m = _LEFTOVER.match(parked.name)
+    return parked.parent / f".{m['name']}.partial-{m['pid']}"
 
 
 def _fsync_file(path: Path) -> None:
@@ -213,9 +232,9 @@ class BundleWriter:
         for path, name, kind in found:  # parked bundles first: restore before their partials go
             if kind == "old":
                 if not os.path.lexists(parent / name):
-                    restore_parked(parent / name)  # puts back the newest parked one
-                if path.exists() and os.path.lexists(parent / name):  # the new bundle (or a restored one) is there
-                    shutil.rmtree(path, ignore_errors=True)
+                    restore_parked(parent / name)  # puts back the newest parked one whose new bundle never came
+                if path.exists() and (os.path.lexists(parent / name) or not _partial_of(path).is_dir()):
+                    shutil.rmtree(path, ignore_errors=True)  # a bundle is in place, or its replacement was published
         for path, _, kind in found:
             if kind == "partial":
                 shutil.rmtree(path, ignore_errors=True)

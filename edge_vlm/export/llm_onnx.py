@@ -187,7 +187,8 @@ def split_float_zero_points(model) -> int:
             continue
         nb = k // blk
         z = numpy_helper.to_array(zp).astype(np.float32).reshape(n, nb)
-        scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, nb)
+        scale_t = numpy_helper.to_array(inits[node.input[2]])
+        scale = scale_t.astype(np.float32).reshape(n, nb)
         zi = np.clip(np.rint(z), 0, 15).astype(np.uint8)
         packed = np.zeros((n, (nb + 1) // 2), np.uint8)  # two 4-bit zero points per byte, low nibble first
         packed[:, : (nb + 1) // 2] = zi[:, 0::2]
@@ -197,7 +198,8 @@ def split_float_zero_points(model) -> int:
                                                       "fix")}
         g.initializer.remove(zp)
         g.initializer.extend([numpy_helper.from_array(packed.reshape(-1), names["zp"]),
-                              numpy_helper.from_array(((z - zi) * scale).T.copy(), names["corr"]),
+                              # in the activations' type (the scales'): fp32 graphs get fp32, fp16 ones fp16
+                              numpy_helper.from_array(((z - zi) * scale).T.astype(scale_t.dtype), names["corr"]),
                               numpy_helper.from_array(np.array([-1, nb, blk], np.int64), names["shape"])])
         if opset >= 13:  # ReduceSum takes its axes as an input from opset 13 on
             g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), names["axes"]))

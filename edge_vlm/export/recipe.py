@@ -65,6 +65,7 @@ def load_recipe(path: str) -> dict:
     fields and wrong types are errors, not silently ignored. Relative paths start at the recipe."""
     import tomllib
 
+    from edge_vlm.limits import absolute_path
     from edge_vlm.textfiles import read_structured
 
     p = Path(path)
@@ -77,7 +78,7 @@ def load_recipe(path: str) -> dict:
         from edge_vlm.families import BUILTIN
 
         if data["source"] not in BUILTIN:
-            data["source"] = str((p.parent / data["source"]).resolve())
+            data["source"] = absolute_path(p.parent / data["source"], f"recipe {p}: source")
     if "calibration_data" in data and not Path(data["calibration_data"]).is_absolute():
-        data["calibration_data"] = str((p.parent / data["calibration_data"]).resolve())
+        data["calibration_data"] = absolute_path(p.parent / data["calibration_data"], f"recipe {p}: calibration_data")
     return data

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from edge_vlm import limits
-from edge_vlm.errors import BadInput
+from edge_vlm.errors import BadInput, ExportError
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,9 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm.export.bundle import BundleWriter
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
     from edge_vlm.families import describe_source, load_source
-    from edge_vlm.manifest import Manifest, VisionSpec
+    from pydantic import ValidationError
+
+    from edge_vlm.manifest import Manifest, VisionSpec, describe_errors
     from edge_vlm.plan.shapes import llm_shape_of, vision_shape_of
     from edge_vlm.preprocess import preprocess
     from edge_vlm.reference import ReferencePipeline
@@ -152,7 +154,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
 
     # -o is checked first (a file in the way, a read-only folder): no model loads for an export that cannot land
     BundleWriter(Path(cfg.out), cfg.force).check()
-    limits.threads(cfg.threads)
+    cfg = replace(cfg, threads=limits.threads(cfg.threads)[0])  # never more threads than cores
     if cfg.calibration not in (None, "image", "text"):
         raise BadInput(f"--calibration {cfg.calibration!r}: use image or text")
     pick_backend(cfg, None)  # an impossible flag combination fails before any work
@@ -217,17 +219,21 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
             tqdm.write(note, file=sys.stderr)
         llm_spec.shape = llm_shape
         step("write manifest")
-        manifest = Manifest(
-            family=src.family,
-            source={**src.description, "path": str(source_root)},
-            preprocess=src.preprocess,
-            vision=spec,
-            llm=llm_spec,
-            prompt=src.prompt,
-            edge_vlm_version=__version__,
-            validation={"backend_choice": why, "vision": vision_check, **llm_validation,
-                        **({"notes": ctx.notes} if ctx.notes else {})},
-        )
+        try:
+            manifest = Manifest(
+                family=src.family,
+                source={**src.description, "path": str(source_root)},
+                preprocess=src.preprocess,
+                vision=spec,
+                llm=llm_spec,
+                prompt=src.prompt,
+                edge_vlm_version=__version__,
+                validation={"backend_choice": why, "vision": vision_check, **llm_validation,
+                            **({"notes": ctx.notes} if ctx.notes else {})},
+            )
+        except ValidationError as e:  # a value the bundle's schema refuses (a name or template from the source)
+            raise ExportError(f"the bundle's manifest would be invalid: {describe_errors(e)}; nothing was written. "
+                              "Check the source's names, template and stop strings") from None
         out = bw.commit(manifest)
     bar.update(1)
     bar.close()

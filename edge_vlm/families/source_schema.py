@@ -103,7 +103,7 @@ class PackageRef(Schema):
 
 
 def _ref_kind(v):
-    return "<path>" if isinstance(v, str) else "<package>" if isinstance(v, dict) else None
+    return "<path>" if isinstance(v, str) else "<package>" if isinstance(v, (dict, PackageRef)) else None
 
 
 # a path relative to the source folder (or absolute), or a package's file; the tags pick one branch
@@ -133,7 +133,7 @@ class NanoVision(Schema):
     image_size: Int(STRIDE, 4096) = 256
     mean: Annotated[list[Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]],
                     Field(min_length=3, max_length=3)] = [0.5] * 3
-    std: Annotated[list[Annotated[float, Field(ge=1e-6, le=10, allow_inf_nan=False)]],
+    std: Annotated[list[Annotated[float, Field(ge=1e-4, le=10, allow_inf_nan=False)]],  # the manifest's bounds
                    Field(min_length=3, max_length=3)] = [0.5] * 3
     resize: Literal[RESIZE_METHODS] = "bicubic"
     pool: Int(1, 16) = 2
@@ -164,7 +164,7 @@ class NanoLLM(Schema):
 
 class NanoPrompt(Schema):
     template: Template
-    image_marker: Name = "<ImageHere>"
+    image_marker: Annotated[str, Field(min_length=1, max_length=64)] = "<ImageHere>"  # as the manifest's
     add_bos: StrictBool = False
     stop: Stop = []
 

@@ -97,6 +97,29 @@ def llm_shape_from_config(cfg) -> LLMShape:
                     tied=bool(get("tie_word_embeddings", False)))
 
 
+def llm_shape_from_file(path: Path) -> LLMShape:
+    """An LLM folder's config.json, read and checked (types, bounds) before any arithmetic."""
+    from pydantic import ValidationError
+
+    from edge_vlm.errors import SourceError
+    from edge_vlm.manifest import LLMShapeSpec, describe_errors
+    from edge_vlm.textfiles import read_structured
+
+    cfg = read_structured(path, SourceError)
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path} holds no JSON object: is it the LLM's transformers config?")
+    try:
+        shape = llm_shape_from_config(cfg)  # old-format Phi-2 folders say model_type "phi": phi2
+        LLMShapeSpec.model_validate(shape.to_dict(), strict=True)
+    except ValidationError as e:
+        raise SourceError(f"{path}: {describe_errors(e)} (hidden_size, num_hidden_layers, num_attention_heads, "
+                          "intermediate_size and vocab_size must be whole numbers)") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise SourceError(f"{path} does not describe a decoder edge-vlm can plan ({type(e).__name__}: "
+                          f"{str(e)[:120]})") from None
+    return shape
+
+
 def eva_vit_params(width: int, depth: int, mlp: int, patch: int, image_size: int) -> tuple[int, int]:
     """(params, sequence length) of EVA ViT-g + ln_vision (families.md §1.1)."""
     n = (image_size // patch) ** 2
@@ -162,11 +185,7 @@ def from_source(source: str) -> ModelShape:
                           llm_shape_from_config(src.llm.config))
     llm_dir = Path(desc.get("llm", ""))
     llm_dir = llm_dir if llm_dir.is_absolute() else root / llm_dir
-    try:
-        cfg = json.loads((llm_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read the LLM's config.json in {llm_dir} ({e})") from e
-    llm = llm_shape_from_config(cfg)  # old-format Phi-2 folders say model_type "phi": phi2
+    llm = llm_shape_from_file(llm_dir / "config.json")
     mid = (desc.get("synth") or {}).get("proj_mid", 4096)  # TinyGPT-V's llama_proj width (MiniGPT-4 7B's)
     vision = upstream_vision(fam, llm.hidden, desc.get("vit_dims"), desc.get("qformer_dims"), mid)
     return ModelShape(desc.get("name") or root.name, vision, llm)

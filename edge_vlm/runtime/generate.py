@@ -72,13 +72,19 @@ def prefill(llm: LLMSession, prompt: PromptSpec, user_text: str, image_embeds: n
         llm.eval_tokens(post)
 
 
+CLEANUP_HOLD = 5  # runtime/tokenizer.py's clean-up decides a space from at most the 3 characters after it
+
+
 class _StopText:
     """Turns a growing decoded string into safe-to-emit pieces, cutting at stop strings."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], hold: int = 0):
         self.stops = [s for s in stops if s]
         self.emitted = 0
         self.stopped = False
+        # text whose last characters may still change (clean-up of spaces: " 's" -> "'s" once the next
+        # characters are known) holds back that many characters until the end
+        self.hold = hold
 
     def feed(self, text: str, final: bool = False) -> str:
         for s in self.stops:
@@ -89,8 +95,9 @@ class _StopText:
                 final = True
         safe = len(text)
         if not final:
+            safe = max(0, safe - self.hold)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                safe = len(text.rstrip("\ufffd"))
+                safe = min(safe, len(text.rstrip("\ufffd")))
             for s in self.stops:  # hold back a suffix that may grow into a stop string
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text[:safe].endswith(s[:k]):
@@ -109,7 +116,9 @@ def generate(llm: LLMSession, prompt: PromptSpec, user_text: str, image_embeds: 
     prefill(llm, prompt, user_text, image_embeds, sampling.max_tokens, stats)
     stats.prefill_end = time.perf_counter()
     sample = Sampler(sampling)
-    stopper = _StopText(prompt.stop if not ignore_eos else [])
+    # a tokenizer that cleans up spaces (Phi-2's) rewrites the last few characters as more arrive
+    stopper = _StopText(prompt.stop if not ignore_eos else [], hold=CLEANUP_HOLD if getattr(
+        llm, "clean_up_spaces", False) else 0)
     out: list[int] = []
     stats.stop_reason = "max_tokens"
     for i in range(sampling.max_tokens):

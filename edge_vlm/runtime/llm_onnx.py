@@ -59,6 +59,10 @@ class OnnxDecoderSession:
     def is_eog(self, token: int) -> bool:
         return self.tok.is_eog(token)
 
+    @property
+    def clean_up_spaces(self) -> bool:  # generate() streams such text with a small hold-back
+        return self.tok.clean_up_spaces
+
     def reset(self):
         import onnxruntime as ort
 

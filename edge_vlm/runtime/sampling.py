@@ -49,8 +49,11 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.cfg.temperature < GREEDY_BELOW:
             return int(np.argmax(logits))
-        z = np.nan_to_num(logits.astype(np.float64), nan=-np.inf) / self.cfg.temperature
-        p = np.exp(z - z.max())
+        z = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
+        if not np.isfinite(z).any():  # a model that produced no usable logit: greedy on what it gave
+            return int(np.argmax(logits))
+        z = z / self.cfg.temperature
+        p = np.exp(z - z[np.isfinite(z)].max())
         p /= p.sum()
         if self.cfg.top_p < 1:
             order = np.argsort(-p)
