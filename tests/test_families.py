@@ -403,7 +403,7 @@ def test_recipe_expectations_and_template_overrides_are_checked(upstream_source,
     src = load_source(str(_variant(upstream_source, "minigpt4", tmp_path / "c",
                                    desc={"template": "Q: <ImageHere> {prompt} A:", "stop": ["\n"]})))
     assert src.prompt.template == "Q: <ImageHere> {prompt} A:" and src.prompt.stop == ["\n"]
-    assert src.description["prompt_source"] == "user override"
+    assert src.description["prompt_source"].endswith("overridden: template (user), stop (user)")
 
 
 def test_upstream_flags_need_a_family(tmp_path, capsys):
