@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_vlm.errors import BundleError
 
@@ -47,7 +47,7 @@ def _bundle_path(name: str) -> str:
     return name
 
 
-BundlePath = Annotated[str, Field(min_length=1, max_length=1024)]
+BundlePath = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_bundle_path)]
 
 
 class _Section(BaseModel):
@@ -93,7 +93,6 @@ class VisionSpec(_Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     shape: VisionShapeSpec | None = None
 
-    _file = field_validator("file")(lambda v: _bundle_path(v))
     _empty_shape = field_validator("shape", mode="before")(lambda v: v or None)  # {} in older bundles
 
 
@@ -119,7 +118,6 @@ class TokenizerSpec(_Section):
     eog_ids: Annotated[list[TokenId], Field(max_length=1024)] = Field(default_factory=list)
     clean_up_tokenization_spaces: bool = False
 
-    _files = field_validator("file", "embed_tokens")(lambda v: v if v is None else _bundle_path(v))
 
 
 class LLMShapeSpec(_Section):
@@ -151,7 +149,6 @@ class LLMSpec(_Section):
     tokenizer: TokenizerSpec | None = None
     shape: LLMShapeSpec | None = None
 
-    _file = field_validator("file")(lambda v: _bundle_path(v))
     _empty = field_validator("tokenizer", "shape", mode="before")(lambda v: v or None)  # {} in older bundles
 
 
@@ -233,13 +230,6 @@ class Manifest(_Section):
     format: Literal["edge-vlm-bundle"] = FORMAT
     format_version: Literal[1] = FORMAT_VERSION
 
-    @field_validator("files")
-    @classmethod
-    def _files_inside(cls, files):
-        for name in files:
-            _bundle_path(name)
-        return files
-
     def used_files(self) -> list[str]:
         """The files (or folders) the runtime opens."""
         t = self.llm.tokenizer
@@ -258,10 +248,11 @@ class Manifest(_Section):
         if d.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"bundle format version {str(d.get('format_version'))[:20]} is not readable by this "
                               f"edge-vlm (reads {FORMAT_VERSION}): re-export it with this version")
-        if _depth(d) > MAX_DEPTH:
+        depth, all_text = _scan(d)
+        if depth > MAX_DEPTH:
             raise BundleError(f"manifest.json is nested more than {MAX_DEPTH} levels deep: it was not written by "
                               "edge-vlm; export the bundle again")
-        if not _all_text(d):
+        if not all_text:
             raise BundleError("manifest.json holds a string that is not Unicode text (a lone surrogate escape): "
                               "it was not written by edge-vlm; export the bundle again")
         try:
@@ -285,37 +276,26 @@ def describe_errors(e: ValidationError, limit: int = 3) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def _all_text(obj) -> bool:
-    """Every key and string value encodes as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates)."""
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-        elif isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-    return True
-
-
-def _depth(obj, limit: int = MAX_DEPTH + 1) -> int:
-    """Nesting depth of parsed JSON, iteratively (a hostile file must not exhaust the stack)."""
+def _scan(obj, limit: int = MAX_DEPTH + 1) -> tuple[int, bool]:
+    """(nesting depth, whether every key and string encodes as UTF-8) of parsed JSON, in one iterative walk
+    (a hostile file must not exhaust the stack; JSON's \\ud800 escapes decode to lone surrogates)."""
     deepest, stack = 0, [(obj, 1)]
     while stack:
         x, d = stack.pop()
         deepest = max(deepest, d)
         if d >= limit:
-            return d
+            return d, True
         if isinstance(x, dict):
+            stack.extend((k, d) for k in x)
             stack.extend((v, d + 1) for v in x.values())
         elif isinstance(x, list):
             stack.extend((v, d + 1) for v in x)
-    return deepest
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return deepest, False
+    return deepest, True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
