@@ -51,8 +51,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             exporter="edge_vlm.export.llm_gguf", runtime="edge_vlm.runtime.llm_gguf",
             cuda_via="llama_cpp", options=frozenset({"quant"}), install_run=LLAMA_INSTALL,
             install_export=f"pip install torch==2.13.0 'edge-vlm[export]' and {LLAMA_INSTALL}"),
-    Backend("onnx", "ONNX decoder with KV cache; 4-bit HQQ / 8-bit MatMulNBits weights, 16-bit fp16; any torch "
-                    "decoder; onnxruntime (CPU EP, CUDA EP with onnxruntime-gpu), no torch at runtime",
+    Backend("onnx", "ONNX decoder with KV cache; 4-bit HQQ / 8-bit MatMulNBits weights, 16-bit fp16; a fused "
+                    "graph for llama and TinyGPT-V's Phi-2, any other torch decoder traced; onnxruntime (CPU EP, "
+                    "CUDA EP with onnxruntime-gpu), no torch at runtime",
             bits=(4, 8, 16), devices=("cpu", "cuda"), archs=None, arch_note="",
             export_modules=("onnx", "onnxscript", "onnx_ir", "onnxruntime"),
             runtime_modules=("onnxruntime", "tokenizers"), runtime_needs_torch=False,

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="""LLM backends (--backend; `edge-vlm backends` says which work here):
   gguf   llama.cpp: --bits 4 Q4_K_M, 8 Q8_0, 16 F16, or --quant TYPE. Llama architecture. No torch at runtime.
   onnx   ONNX decoder + KV cache on onnxruntime: --bits 4/8 MatMulNBits (4: --int4-method hqq|rtn;
-         --group-size, default 32; --accuracy-level), 16 fp16 weights. Any torch decoder. No torch at runtime.
+         --group-size, default 32; --accuracy-level), 16 fp16 weights. Llama and TinyGPT-V's Phi-2 get a
+         fused graph (GroupQueryAttention, KV cache written in place; fp16 activations with --device cuda)
+         built layer by layer; other decoders are traced. No torch at runtime.
   gptq   GPTQModel: --bits 4/8, --group-size (default: the largest of 128/64/32 dividing the layer
          widths), calibrated on --calibration image (image embeddings + prompt + answer, the
          default) or text sequences (--calibration-data DIR). Runs through torch.
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", default=None,
                    help="gptq: calibration folder in easy-VQA's format (default calibration_data/easy-vqa-sample)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="device the bundle is for (backend auto skips backends that cannot run there)")
+                   help="device the bundle is for (backend auto skips backends that cannot run there; onnx: cuda "
+                        "gives fp16 activations and KV cache)")
     p.add_argument("--min-agreement", type=_float_in(0, 1), default=None,
                    help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
                         "for models whose logits carry no signal, such as edge-vlm synth's random weights")
@@ -413,7 +416,16 @@ def _agreement_line(v) -> str:
 def _quant_line(q) -> str:
     types = ", ".join(f"{k} {v:.0%}" for k, v in q.tensor_types.items())
     extra = "".join(f", {k} {getattr(q, k)}" for k in ("group_size", "calibration") if getattr(q, k) is not None)
+    head = getattr(q, "lm_head_bits", None)
+    extra += f", output head int{head}" if head and head != q.bits else ""
     return f"{q.requested} ({q.bits_per_weight} bits/weight: {types}{extra})"
+
+
+def _graph_line(g) -> str:
+    if g.kind == "traced":
+        return "traced by torch.onnx (exported before the fused graph: re-export for its speed)"
+    return (f"fused (GroupQueryAttention, MatMulNBits, fused norms), {g.dtype} activations and KV cache, "
+            f"RoPE {g.rotary}")
 
 
 def cmd_synth(a):
@@ -491,12 +503,14 @@ def cmd_inspect(a):
     print(f"  vision      {m.vision.file}: {m.preprocess.image_size}px {m.preprocess.resize}, mean {m.preprocess.mean}, "
           f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}")
     print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {_quant_line(q)}")
+    if m.llm.onnx_graph:
+        print(f"  graph       {_graph_line(m.llm.onnx_graph)}")
     print(f"  prompt      {m.prompt.template!r}")
     print(f"  stop        {m.prompt.stop}")
     v = m.validation
     print(f"  validated   {_validation_line(v)}")
     if v.llm_fp32:
-        print(f"              fp32 ONNX decoder before quantization: max |logit diff| "
+        print(f"              fp32 ONNX check graph: max |logit diff| "
               f"{v.llm_fp32.logits_max_abs_diff:.2g} (atol {v.llm_fp32.logits_atol}), "
               f"top-1 {v.llm_fp32.top1_agreement:.0%}")
     if v.backend_choice:

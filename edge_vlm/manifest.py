@@ -139,6 +139,14 @@ class LLMShapeSpec(_Section):
         return self
 
 
+class OnnxGraphSpec(_Section):
+    """The onnx backend's decoder graph: fused (export/decoder_graph.py) or traced (older bundles)."""
+
+    kind: Literal["fused", "traced"]
+    dtype: Literal["float32", "float16"] = "float32"  # activations and KV cache
+    rotary: Literal["inside attention", "plain ops"] | None = None
+
+
 class LLMSpec(_Section):
     backend: Literal["gguf", "onnx", "gptq", "bnb"]  # edge_vlm.backends.BACKENDS (a newer edge-vlm may know more)
     file: BundlePath  # a file (gguf, onnx) or a folder of files (gptq, bnb checkpoints) inside the bundle
@@ -148,6 +156,7 @@ class LLMSpec(_Section):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     tokenizer: TokenizerSpec | None = None
     shape: LLMShapeSpec | None = None
+    onnx_graph: OnnxGraphSpec | None = None  # onnx backend only
 
     _empty = field_validator("tokenizer", "shape", mode="before")(lambda v: v or None)  # {} in older bundles
 

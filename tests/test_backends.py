@@ -134,13 +134,15 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     q = m.llm.quant
     assert q.bits == bits and q.group_size == 32
     assert q.method == {4: "MatMulNBits int4 (hqq)", 8: "MatMulNBits int8 (rtn)"}[bits]
-    # every matmul, the tied output head included; the token-embedding table beside the graph is fp16
+    # every matmul, the tied output head included (at 8 bits under a 4-bit body, as llama.cpp keeps it
+    # wider); the token-embedding table beside the graph is fp16
     types = q.tensor_types
+    assert q.lm_head_bits == 8 and m.llm.onnx_graph.kind == "fused"
     # (4 bits: HQQ's zero points split into integer ones + fp32 corrections, one per block and column)
-    assert types[f"int{bits} (block 32)"] + types["float16 (embed_tokens.npy)"] + types.get(
-        "float (HQQ zero-point corrections)", 0) > 0.99
+    assert types[f"int{bits} (block 32)"] > 0 and types["int8 (block 32)"] + types.get("int4 (block 32)", 0) + types[
+        "float16 (embed_tokens.npy)"] + types.get("float (HQQ zero-point corrections)", 0) > 0.99
     assert bits < q.bits_per_weight < 16
-    assert set(m.files) == {"vision.onnx", "llm.onnx", "embed_tokens.npy", "tokenizer.json"}
+    assert set(m.files) == {"vision.onnx", "llm.onnx", "llm.onnx.data", "embed_tokens.npy", "tokenizer.json"}
     with Pipeline.load(b, CPU) as p:
         r = p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=6))
     assert r.stats.generated_tokens >= 1 and r.timings_ms["vision_ms"] > 0

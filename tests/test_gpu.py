@@ -38,12 +38,39 @@ def test_cuda_gguf_bundle_matches_cpu_bundle(export_tiny, shape_image):
 @needs_ort
 @pytest.mark.parametrize("bits", [16, 4])
 def test_cuda_onnx_decoder_keeps_its_cache_on_the_gpu(export_backend, shape_image, bits):
-    b = export_backend("onnx", bits)
+    b = export_backend("onnx", bits, device="cuda")
 
     def on_gpu(p):
         assert p.llm.device == "cuda" and all(v.device_name().lower() == "cuda" for v in p.llm.past)
 
     cpu, cuda = tokens_on(b, "cpu", shape_image), tokens_on(b, "cuda", shape_image, on_gpu)
+    assert cuda[:3] == cpu[:3]
+
+
+@needs_ort
+def test_a_cpu_bundle_on_cuda_says_to_export_for_cuda(export_backend):
+    from edge_vlm.errors import DeviceUnavailable
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+
+    with pytest.raises(DeviceUnavailable, match="export with --device cuda"):
+        Pipeline.load(export_backend("onnx", 4), RuntimeConfig(device="cuda", n_ctx=512))
+
+
+@needs_ort
+@pytest.mark.parametrize("llm", ["llama", "phi"])
+def test_cuda_export_gives_an_fp16_graph_whose_cache_stays_on_the_gpu_in_fp16(export_backend, shape_image, llm):
+    import numpy as np
+
+    from edge_vlm.manifest import load_manifest
+
+    b = export_backend("onnx", 4, llm, device="cuda")
+    assert load_manifest(b).llm.onnx_graph.dtype == "float16"
+
+    def fp16_on_gpu(p):
+        assert p.llm.dtype == np.float16 and p.llm.capacity == 512  # allocated at n_ctx on CUDA, never regrown
+        assert all(v.device_name().lower() == "cuda" and v.data_type() == "tensor(float16)" for v in p.llm.past)
+
+    cpu, cuda = tokens_on(b, "cpu", shape_image), tokens_on(b, "cuda", shape_image, fp16_on_gpu)
     assert cuda[:3] == cpu[:3]
 
 

@@ -1,22 +1,23 @@
 """LLM -> ONNX decoder with an `inputs_embeds` input and an explicit KV cache.
 
-Works for any torch decoder that takes `inputs_embeds`, `position_ids` and a transformers
-`Cache` (Llama, and our TinyGPT-V Phi-2 variant that llama.cpp cannot express). The decoder
-is traced once by `torch.onnx.export(dynamo=True)` around a wrapper that rebuilds a
-`DynamicCache` from flat past tensors; the fp32 graph must reproduce torch's logits and greedy
-tokens before it is quantized:
+Two ways to the graph:
+  fused   (decoder_graph.py; llama and TinyGPT-V's Phi-2 variant, decoder_archs.ARCHS) written op by op
+          from the loaded model, GroupQueryAttention + MatMulNBits + fused norms, each weight quantized as
+          it is emitted (no fp32 graph, no second copy of the model). Below FP32_CHECK_MAX_BYTES of
+          weights the same builder first writes an fp32 graph that must reproduce torch's logits.
+  traced  any other decoder: torch.onnx.export(dynamo=True) around a DynamicCache wrapper, checked in
+          fp32, then quantized by onnxruntime's MatMulNBitsQuantizer.
 
-  --bits 4  -> MatMulNBits int4 weights, HQQ (or round-to-nearest), block size `group_size` (default 32);
-               HQQ's float zero points are split exactly into integer ones plus a small correction
-               matmul (split_float_zero_points), so every node runs onnxruntime's fast CPU kernel
-  --bits 8  -> MatMulNBits int8 weights (accuracy_level 4, int8 activations: the fast CPU kernel)
+  --bits 4  -> MatMulNBits int4, block `group_size` (default 32), integer zero points, accuracy_level 4
+               (onnxruntime's fast CPU kernel); --int4-method hqq (default) fits the zero point with HQQ and
+               adds its float remainder back through a small correction matmul (split_float_zero_points,
+               nbits.py), rtn rounds to nearest
+  --bits 8  -> MatMulNBits int8 (rtn), accuracy_level 4
   --bits 16 -> fp16 weights, cast to fp32 at load (compute stays fp32)
+  --device cuda (fused graph) -> activations and KV cache in fp16, as the CUDA kernels want them
 
-Graph interface (what runtime/llm_onnx.py feeds):
-  inputs   inputs_embeds [1, seq, n_embd] f32, past.{i}.key / past.{i}.value [1, n_kv, past, head_dim] f32
-  outputs  logits [1, n_vocab] (last position only), present.{i}.key / present.{i}.value
-The token-embedding table ships next to it as `embed_tokens.npy` (fp16), so the runtime turns
-token ids into embeddings without torch.
+The token-embedding table ships next to the graph as `embed_tokens.npy` (fp16), so the runtime turns
+token ids into embeddings without torch; runtime/llm_onnx.py feeds either graph interface.
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ import numpy as np
 from edge_vlm.errors import BadInput, ExportError
 from edge_vlm.export.llm_validate import FLOOR_4BIT
 
-STAGES = ("LLM -> ONNX (fp32)", "validate fp32 decoder", "quantize LLM", "validate LLM")
+STAGES = ("LLM -> ONNX (fp32 check graph)", "LLM -> ONNX (quantized as emitted)", "validate fp32 decoder",
+          "validate LLM")
+# The fused builder's fp32 check graph is written when the fp32 weights are at most this big; above it (a
+# full-size 2.7B decoder is 11 GB) the export would need that much disk and memory again, so the check is
+# skipped and noted: the builder is the same code the tests check in fp32 against torch on both block types.
+FP32_CHECK_MAX_BYTES = 2_000_000_000
 
 # fp32 ONNX vs torch: same math, different kernels. Measured 3e-6 (tiny llama) and ~1e-4
 # (SmolLM2-135M) max |logit diff|; anything near 1e-2 means a wrong graph.
@@ -319,31 +325,128 @@ def tokenizer_spec(tokenizer, ref_llm, folder: Path) -> dict:
 
 def export_llm(ctx):
     """The onnx backend's export stages; returns the manifest's LLM section and its validation."""
-    from edge_vlm.export import llm_validate
-    from edge_vlm.manifest import LLMSpec
-    from edge_vlm.runtime.llm_onnx import OnnxDecoderSession
-    from edge_vlm.runtime.tokenizer import BundleTokenizer
+    from edge_vlm.export.decoder_archs import ARCHS
 
     cfg, src = ctx.cfg, ctx.src
     q = OnnxQuantConfig(bits=cfg.bits, block_size=cfg.group_size or 32,
                         accuracy_level=4 if cfg.accuracy_level is None else cfg.accuracy_level,
                         int4_method=cfg.int4_method or "hqq")
     q.check()
-    ctx.step("LLM -> ONNX (fp32)")
+    if src.llm_arch in ARCHS:
+        return _export_fused(ctx, q)
+    return _export_traced(ctx, q)
+
+
+def _quant_record(q: OnnxQuantConfig, method: str, mix: dict, extra: dict | None = None) -> dict:
+    return {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
+            **({} if q.bits == 16 else {"group_size": q.block_size,
+                                         "symmetric": q.symmetric if q.bits == 8 or q.int4_method == "rtn" else None,
+                                         "accuracy_level": q.accuracy_level}),
+            "embed_tokens": "embed_tokens.npy (fp16)", **(extra or {}), **mix}
+
+
+def _bundle_tokenizer(ctx):
+    from edge_vlm.runtime.tokenizer import BundleTokenizer
+
+    tok = tokenizer_spec(ctx.src.tokenizer, ctx.ref_llm, ctx.bw.path(""))
+    return tok, BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"],
+                                tok["clean_up_tokenization_spaces"])
+
+
+def _export_fused(ctx, q: OnnxQuantConfig):
+    from tqdm import tqdm
+
+    from edge_vlm.export import decoder_graph, llm_validate
+    from edge_vlm.manifest import LLMSpec
+    from edge_vlm.runtime.llm_onnx import OnnxDecoderSession
+
+    cfg, src = ctx.cfg, ctx.src
+    dtype = "float16" if cfg.device == "cuda" else "float32"
+    gq = decoder_graph.GraphQuant(bits=q.bits, block=q.block_size, method=q.int4_method,
+                                  accuracy_level=q.accuracy_level or 0, dtype=dtype)
+    fp32_bytes = sum(p.numel() for p in src.llm.parameters()) * 4
+    notes = []
+
+    def build(path, quant, what):
+        with tqdm(total=src.llm.config.num_hidden_layers, desc=what, unit="layer", leave=False,
+                  disable=None) as bar:  # None: only on a terminal
+            return decoder_graph.build(src.llm, src.llm_arch, path, quant, lambda i, n: bar.update(1))
+
+    ctx.step("LLM -> ONNX (fp32 check graph)")
+    check_dir = None
+    if fp32_bytes <= FP32_CHECK_MAX_BYTES:
+        check_dir = ctx.bw.path("llm-fp32.tmp")
+        check_dir.mkdir()
+        build(check_dir / "llm.onnx", decoder_graph.GraphQuant(bits=32), "fp32 check graph")
+    else:
+        notes.append(f"the fp32 check graph was not written ({fp32_bytes / 1e9:.1f} GB of fp32 weights > "
+                     f"{FP32_CHECK_MAX_BYTES / 1e9:.0f} GB); the quantized decoder was checked against torch")
+    ctx.step("LLM -> ONNX (quantized as emitted)")
+    llm_file = "llm.onnx"
+    info = build(ctx.bw.path(llm_file), gq, f"int{q.bits} decoder" if q.bits < 16 else "fp16 decoder")
+    tok, bundle_tok = _bundle_tokenizer(ctx)
+    table32 = src.llm.get_input_embeddings().weight.detach().float().numpy().copy()  # the check graph's
+    table = table32.astype(np.float16)  # the bundle's
+    np.save(ctx.bw.path("embed_tokens.npy"), table)
+    ctx.release_torch_llm()  # from here on the ONNX files are the model
+    ctx.step("validate fp32 decoder")
+    exact, tokenizer_check = None, None
+    if check_dir is not None:
+        session = OnnxDecoderSession(check_dir / "llm.onnx", table32, bundle_tok, n_ctx=512,
+                                     threads=cfg.threads)
+        tokenizer_check, exact = llm_validate.validate_llm(ctx, session, "fp32 ONNX decoder", None, "tokenizer.json")
+        llm_validate.check_logits("fp32 ONNX decoder", exact, FP32_LOGITS_ATOL)
+        session.close()
+        shutil.rmtree(check_dir)
+    del table32
+    ctx.step("validate LLM")
+    # the export validates on the CPU; an fp16 (CUDA) graph runs there too, with fp16 activations
+    session = OnnxDecoderSession(ctx.bw.path(llm_file), table, bundle_tok, n_ctx=512, threads=cfg.threads)
+    check, agreement = llm_validate.validate_llm(ctx, session, f"ONNX LLM at {q.bits} bits", MIN_AGREEMENT[q.bits],
+                                                 None if tokenizer_check else "tokenizer.json")
+    tokenizer_check = tokenizer_check or check
+    session.close()
+    ctx.notes.extend(notes)
+    elems = dict(info["weight_elems"])
+    elems["float16 (embed_tokens.npy)"] = table.size
+    data = ctx.bw.path(llm_file + ".data")
+    nbytes = data.stat().st_size + table.nbytes
+    total = sum(elems.values())
+    mix = {"tensor_types": {k: round(v / total, 4) for k, v in sorted(elems.items(), key=lambda kv: -kv[1])},
+           "bits_per_weight": round(8 * nbytes / total, 3), "n_params": total}
+    method = {16: "fp16 weights", 4: f"MatMulNBits int4 ({q.int4_method})"}.get(q.bits, f"MatMulNBits int{q.bits} (rtn)")
+    extra = {} if q.bits >= 16 else {"lm_head_bits": gq.head_bits}
+    quant = _quant_record(q, method, mix, extra)
+    spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant,
+                   tokenizer={**tok, "embed_tokens": "embed_tokens.npy"},
+                   onnx_graph={"kind": "fused", "dtype": dtype,
+                               "rotary": "inside attention" if info["rotary_inside"] else "plain ops"})
+    out = {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}
+    if exact is not None:
+        out["llm_fp32"] = {"prompt": ctx.validation_prompt, **exact}
+    return spec, out
+
+
+def _export_traced(ctx, q: OnnxQuantConfig):
+    from edge_vlm.export import llm_validate
+    from edge_vlm.manifest import LLMSpec
+    from edge_vlm.runtime.llm_onnx import OnnxDecoderSession
+
+    cfg, src = ctx.cfg, ctx.src
+    ctx.step("LLM -> ONNX (fp32 check graph)")
     tmp_dir = ctx.bw.path("llm-fp32.tmp")
     tmp_dir.mkdir()
     fp32 = tmp_dir / "llm.onnx"
     export_fp32(src.llm, fp32)
-    tok = tokenizer_spec(src.tokenizer, ctx.ref_llm, ctx.bw.path(""))
-    bundle_tok = BundleTokenizer(ctx.bw.path(tok["file"]), tok["bos_id"], tok["eog_ids"],
-                                 tok["clean_up_tokenization_spaces"])
+    tok, bundle_tok = _bundle_tokenizer(ctx)
     table = src.llm.get_input_embeddings().weight.detach().float().numpy().copy()
     ctx.release_torch_llm()  # from here on the ONNX files are the model
     ctx.step("validate fp32 decoder")
     session = OnnxDecoderSession(fp32, table, bundle_tok, n_ctx=512, threads=cfg.threads)
     tokenizer_check, exact = llm_validate.validate_llm(ctx, session, "fp32 ONNX decoder", None, "tokenizer.json")
     llm_validate.check_logits("fp32 ONNX decoder", exact, FP32_LOGITS_ATOL)
-    ctx.step("quantize LLM")
+    ctx.step("LLM -> ONNX (quantized as emitted)")
     llm_file = "llm.onnx"
     quantize(fp32, ctx.bw.path(llm_file), q)
     shutil.rmtree(tmp_dir)
@@ -354,13 +457,8 @@ def export_llm(ctx):
                                  n_ctx=512, threads=cfg.threads)
     _, agreement = llm_validate.validate_llm(ctx, session, f"ONNX LLM at {q.bits} bits", MIN_AGREEMENT[q.bits])
     method = {16: "fp16 weights", 4: f"MatMulNBits int4 ({q.int4_method})"}.get(q.bits, f"MatMulNBits int{q.bits} (rtn)")
-    quant = {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
-             **({} if q.bits == 16 else {"group_size": q.block_size,
-                                          "symmetric": q.symmetric if q.bits == 8 or q.int4_method == "rtn" else None,
-                                          "accuracy_level": q.accuracy_level}),
-             "embed_tokens": "embed_tokens.npy (fp16)", **mix}
     spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
-                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant,
-                   tokenizer={**tok, "embed_tokens": "embed_tokens.npy"})
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=_quant_record(q, method, mix),
+                   tokenizer={**tok, "embed_tokens": "embed_tokens.npy"}, onnx_graph={"kind": "traced"})
     return spec, {"llm_fp32": {"prompt": ctx.validation_prompt, **exact},
                   "llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

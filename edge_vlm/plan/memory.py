@@ -33,7 +33,8 @@ BLOCK_BITS = {
     ("gguf", 4): 4.85,  # Q4_K_M: Q4_K (4.5 bpw) everywhere, Q6_K (6.56) for attn_v/ffn_down in ~half the layers
     ("gguf", 8): 8.5,  # Q8_0: 32 int8 + one fp16 scale per block of 32
     ("gguf", 16): 16.0,  # F16
-    ("onnx", 4): 6.0,  # MatMulNBits block 32: 4 bits + fp32 scale + fp32 zero point (hqq) per block
+    # MatMulNBits block 32: 4 bits + fp32 scale + 4-bit zero point + hqq's fp32 zero-point correction per block
+    ("onnx", 4): 6.125,
     ("onnx", 8): 9.25,  # 8 bits + fp32 scale + 8-bit zero point per block of 32
     ("onnx", 16): 16.0,
     ("gptq", 4): 4.16,  # 4 bits + fp16 scale + 4-bit zero per group of 128
@@ -48,8 +49,11 @@ BLOCK_BITS = {
 # at block precision; gptq keeps them fp16; edge-vlm's bnb checkpoints keep them fp32.
 EMBED_BITS = {"gguf": None, "onnx": 0.0, "gptq": 16.0, "bnb": 32.0, "torch": None}  # None: as the blocks
 HEAD_BITS = {"gguf": None, "onnx": None, "gptq": 16.0, "bnb": 32.0, "torch": None}
+ONNX_HEAD_BITS_UNDER_4 = 9.25  # the fused graph keeps the output head at int8 under a 4-bit body
 KV_BYTES = {"gguf": 2, "onnx": 4, "gptq": 2, "bnb": 4, "torch": 4}  # f16 in llama.cpp; fp32/bf16 in torch
-KV_COPIES = {"onnx": 2}  # onnxruntime holds past and present caches during a step
+KV_BYTES_GPU = {"onnx": 2}  # the fused onnx graph for CUDA keeps activations and cache in fp16
+# The fused onnx graph writes its cache in place (one buffer per layer and side, grown by doubling on a
+# CPU); bundles traced before it hold past and present caches during a step (2 copies, see components).
 LLAMA_UBATCH = 512  # edge-vlm's n_batch = n_ubatch
 TEXT_TOKENS = 64  # template + question, a typical prompt without the image
 CUDA_CONTEXT_MB = 300  # CUDA context + cuBLAS workspace per process (typical; not measured here)
@@ -145,6 +149,8 @@ def llm_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
     block = BLOCK_BITS[(c.backend, c.bits)]
     emb = EMBED_BITS[c.backend] if EMBED_BITS[c.backend] is not None else block
     head = HEAD_BITS[c.backend] if HEAD_BITS[c.backend] is not None else block
+    if c.backend == "onnx" and c.bits == 4:
+        head = ONNX_HEAD_BITS_UNDER_4
     head_params = llm.head_params or (llm.embed_params if c.backend == "onnx" else 0)  # onnx: tied head in graph
     bits = llm.block_matrix_params * block + llm.embed_params * emb + head_params * head + llm.other_params * 32
     return int(bits / 8)
@@ -163,8 +169,12 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
     image_tokens = v.image_tokens * c.images
     used = min(c.n_ctx, c.tokens if c.tokens is not None else c.n_ctx)
     kv_tokens = c.n_ctx if be == "gguf" and not c.resident else used  # llama.cpp allocates the context up front
-    kv_bytes = 2 if be == "torch" and c.bits == 16 else KV_BYTES[be]
-    kv = 2 * llm.layers * kv_tokens * llm.kv_dim * kv_bytes * KV_COPIES.get(be, 1)
+    kv_bytes = 2 if be == "torch" and c.bits == 16 else KV_BYTES_GPU.get(be, KV_BYTES[be]) if c.on_gpu else KV_BYTES[be]
+    if be == "onnx" and shape.bundle and shape.bundle.get("onnx_dtype"):  # a bundle's graph says what it holds
+        kv_bytes = 2 if shape.bundle["onnx_dtype"] == "float16" else 4
+    traced = be == "onnx" and shape.bundle is not None and shape.bundle.get("backend") == "onnx" \
+        and not shape.bundle.get("onnx_dtype")
+    kv = 2 * llm.layers * kv_tokens * llm.kv_dim * kv_bytes * (2 if traced else 1)
     prefill = min(used, image_tokens + TEXT_TOKENS)
     act_bytes = 2 if be == "gptq" or (be == "torch" and c.bits == 16) else 4
     if be == "gguf" and not c.resident:  # llama.cpp reserves its graph for a full ubatch

@@ -227,7 +227,7 @@ def from_bundle(bundle: Path) -> ModelShape:
     vision_files = {f: r.bytes for f, r in m.files.items()
                     if f == m.vision.file or f.startswith(m.vision.file + ".")}
     name = m.llm.file
-    weights = {f: r.bytes for f, r in m.files.items() if (f == name or f.startswith(name + "/"))
+    weights = {f: r.bytes for f, r in m.files.items() if (f == name or f.startswith((name + "/", name + ".")))
                and f.endswith((".gguf", ".onnx", ".data", ".safetensors", ".bin"))}
     try:
         vision = VisionShape(image_tokens=m.vision.n_image_tokens, file_bytes=sum(vision_files.values()), **vis)
@@ -239,6 +239,7 @@ def from_bundle(bundle: Path) -> ModelShape:
         "backend": m.llm.backend, "bits": m.llm.quant.bits or gguf_bits(m.llm.quant.requested),
         "quant": m.llm.quant.model_dump(),
         "vision_precision": m.vision.precision, "llm_weight_bytes": sum(weights.values()),
+        "onnx_dtype": m.llm.onnx_graph.dtype if m.llm.onnx_graph else None,
         "vision_bytes": sum(vision_files.values()), "files": {f: r.bytes for f, r in m.files.items()}})
 
 

@@ -1,5 +1,10 @@
 """The onnx backend's `LLMSession`: an ONNX decoder run by onnxruntime with an explicit KV cache.
 
+Two graph interfaces (export/llm_onnx.py):
+  fused   (export/decoder_graph.py) GroupQueryAttention with a shared buffer: one KV buffer per layer
+          and side, bound as both past input and present output, written in place; it grows by
+          doubling up to n_ctx (CPU) or is allocated at n_ctx (CUDA, in the graph's fp16).
+  traced  (bundles exported before the fused graph) past in, present out, a new cache every step.
 The cache lives in OrtValues bound with IOBinding, so on the CUDA EP it stays on the GPU
 between steps (only the new embeddings go up and the last logits come down); the same code
 runs on the CPU EP. Token ids become embeddings through the bundle's `embed_tokens.npy`.
@@ -27,15 +32,18 @@ class OnnxDecoderSession:
             raise BundleError(f"onnxruntime cannot load the LLM {path} ({str(e).splitlines()[0]}): "
                               "the file is damaged or was made by another exporter; export the bundle again") from e
         ins = {i.name: i for i in self.sess.get_inputs()}
-        self.past_names = [n for n in ins if n.startswith("past.")]
-        self.present_names = ["present." + n[len("past."):] for n in self.past_names]
+        self.fused = "seqlens_k" in ins
+        prefix = "past_key_values." if self.fused else "past."
+        self.past_names = [n for n in ins if n.startswith(prefix)]
+        self.present_names = ["present." + n[len(prefix):] for n in self.past_names]
         try:
             shape = ins[self.past_names[0]].shape  # [1, n_kv, 'past', head_dim]
             self.kv_shape = (1, int(shape[1]), 0, int(shape[3]))
             self.n_embd = int(ins["inputs_embeds"].shape[2])
+            self.dtype = np.float16 if ins["inputs_embeds"].type == "tensor(float16)" else np.float32
         except (KeyError, IndexError, ValueError, TypeError):
             raise BundleError(f"{path} lacks the inputs of an edge-vlm ONNX decoder (inputs_embeds [1, n, width], "
-                              "past.* [1, kv_heads, past, head_dim]): export the bundle again") from None
+                              "past*.key/value [1, kv_heads, past, head_dim]): export the bundle again") from None
         if embed_table.ndim != 2 or embed_table.shape[1] != self.n_embd:
             raise BundleError(f"embed_tokens has shape {embed_table.shape}, the decoder takes width {self.n_embd}")
         self.embed = embed_table
@@ -64,38 +72,61 @@ class OnnxDecoderSession:
         return self.tok.clean_up_spaces
 
     def reset(self):
-        import onnxruntime as ort
-
-        empty = np.zeros(self.kv_shape, np.float32)
-        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
+        self.capacity = 0 if not self.fused else (self.n_ctx if self.device == "cuda" else min(self.n_ctx, 256))
+        self.past = self._cache(self.capacity)
         self.n_past = 0
         self._logits = None
 
+    def _cache(self, positions: int, keep: int = 0):
+        """Cache buffers of `positions` slots; the first `keep` positions are copied from the current ones."""
+        import onnxruntime as ort
+
+        shape = self.kv_shape[:2] + (positions,) + self.kv_shape[3:]
+        fresh = []
+        for j in range(len(self.past_names)):
+            buf = np.zeros(shape, self.dtype)
+            if keep:
+                buf[:, :, :keep] = self.past[j].numpy()[:, :, :keep]
+            fresh.append(ort.OrtValue.ortvalue_from_numpy(buf, self.device, 0))
+        return fresh
+
     def _run(self, embeds: np.ndarray):
         n = embeds.shape[0]
-        if self.n_past + n > self.n_ctx:
-            raise ContextOverflow(self.n_past + n, self.n_ctx)
+        total = self.n_past + n
+        if total > self.n_ctx:
+            raise ContextOverflow(total, self.n_ctx)
         b = self.sess.io_binding()
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=np.float32))
-        for name, value in zip(self.past_names, self.past):
-            b.bind_ortvalue_input(name, value)
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self.dtype))
         b.bind_output("logits", "cpu")
-        for name in self.present_names:
-            b.bind_output(name, self.device)
+        if self.fused:
+            if total > self.capacity:  # CPU: grow by doubling (a copy only log2(n_ctx) times)
+                self.capacity = min(self.n_ctx, max(total, 2 * self.capacity))
+                self.past = self._cache(self.capacity, self.n_past)
+            b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+            b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+            for past, present, value in zip(self.past_names, self.present_names, self.past):
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)
+        else:
+            for name, value in zip(self.past_names, self.past):
+                b.bind_ortvalue_input(name, value)
+            for name in self.present_names:
+                b.bind_output(name, self.device)
         self.sess.run_with_iobinding(b)
         out = b.get_outputs()
-        self._logits = out[0].numpy()[0]
-        self.past = list(out[1:])
-        self.n_past += n
+        self._logits = out[0].numpy()[0].astype(np.float32, copy=False)
+        if not self.fused:
+            self.past = list(out[1:])
+        self.n_past = total
 
     def eval_tokens(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.embed)):
             raise BundleError(f"token id out of range for the embedding table ({len(self.embed)} rows)")
-        self._run(self.embed[ids].astype(np.float32))
+        self._run(self.embed[ids])
 
     def eval_embeds(self, embeds):
-        self._run(np.asarray(embeds, np.float32))
+        self._run(np.asarray(embeds))
 
     def logits(self) -> np.ndarray:
         return self._logits
@@ -126,5 +157,17 @@ def open_session(bundle: Path, manifest, cfg, plan):
         raise BundleError(f"{t.file} has {vocab} tokens (BOS id {t.bos_id}) but {t.embed_tokens} only "
                           f"{table.shape[0]} rows: the files come from different exports; export the bundle again")
     n_ctx = min(cfg.n_ctx, manifest.llm.n_ctx_train or cfg.n_ctx)
-    return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, plan.llm_providers,
+    g = manifest.llm.onnx_graph
+    providers = plan.llm_providers
+    if g and g.kind == "fused" and g.dtype == "float32" and "CUDAExecutionProvider" in providers:
+        # onnxruntime's CUDA attention takes fp16 only: an fp32 graph would run it on the CPU with copies each step
+        note = ("this bundle's LLM graph is fp32 (exported for a CPU), so its LLM runs on the CPU; "
+                "export with --device cuda for an fp16 graph that runs on the GPU")
+        if cfg.device == "cuda":
+            from edge_vlm.errors import DeviceUnavailable
+
+            raise DeviceUnavailable(note)
+        plan.notes.append("device auto: " + note)
+        providers = ["CPUExecutionProvider"]
+    return OnnxDecoderSession(bundle / manifest.llm.file, table, tok, n_ctx, cfg.threads, providers,
                               require_gpu=cfg.device == "cuda")
