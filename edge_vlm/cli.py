@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibration folder in easy-VQA's format (default calibration_data/easy-vqa-sample)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="device the bundle is for (backend auto skips backends that cannot run there; onnx: cuda "
-                        "gives fp16 activations and KV cache)")
+                        "or auto on a machine with onnxruntime-gpu gives fp16 activations and KV cache)")
     p.add_argument("--min-agreement", type=_float_in(0, 1), default=None,
                    help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
                         "for models whose logits carry no signal, such as edge-vlm synth's random weights")

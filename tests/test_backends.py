@@ -140,7 +140,7 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     assert q.lm_head_bits == 8 and m.llm.onnx_graph.kind == "fused"
     # (4 bits: HQQ's zero points split into integer ones + fp32 corrections, one per block and column)
     assert types[f"int{bits} (block 32)"] > 0 and types["int8 (block 32)"] + types.get("int4 (block 32)", 0) + types[
-        "float16 (embed_tokens.npy)"] + types.get("float (HQQ zero-point corrections)", 0) > 0.99
+        "float16 (embed_tokens.npy)"] + types.get("float16 (HQQ zero-point corrections)", 0) > 0.99
     assert bits < q.bits_per_weight < 16
     assert set(m.files) == {"vision.onnx", "llm.onnx", "llm.onnx.data", "embed_tokens.npy", "tokenizer.json"}
     with Pipeline.load(b, CPU) as p:
@@ -158,18 +158,35 @@ def test_onnx_block_size_and_int4_method_are_configurable(export_backend, shape_
         assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=3)).stats.generated_tokens >= 1
 
 
-def test_onnx_external_data_path(tiny_source, tmp_path, monkeypatch, shape_image):
-    """Decoders over 2 GB must keep weights in a .data file: exercise that path at tiny scale."""
-    from edge_vlm.export import llm_onnx
+def test_onnx_traced_path_for_other_decoders_with_external_data(tiny_source, tmp_path, monkeypatch, shape_image):
+    """A decoder the fused builder has no reader for is traced by torch.onnx, checked in fp32 and quantized by
+    onnxruntime (the graph every onnx bundle had before the fused one, which the runtime still runs); decoders
+    over 2 GB keep their weights in a .data file: both at tiny scale."""
+    from edge_vlm.export import decoder_archs, llm_onnx
     from edge_vlm.export.run import ExportConfig, run
 
+    monkeypatch.setattr(decoder_archs, "ARCHS", {})
     monkeypatch.setattr(llm_onnx, "EXTERNAL_DATA_BYTES", 10_000)
     b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), backend="onnx", bits=8), progress=False)
     m = load_manifest(b)
+    assert m.llm.onnx_graph.kind == "traced"
     assert {"llm.onnx", "llm.onnx.data"} <= set(m.files) and m.files["llm.onnx.data"].bytes > 100_000
     assert m.validation.llm_fp32.top1_agreement == 1.0
     with Pipeline.load(b, CPU) as p:
+        assert not p.llm.fused
         assert p.answer(shape_image, QUESTION, SamplingConfig(max_tokens=4)).stats.generated_tokens >= 1
+
+
+def test_fused_bundle_records_its_graph_and_the_planner_counts_its_data_file(export_backend):
+    from edge_vlm.plan.shapes import from_bundle
+
+    b = export_backend("onnx", 4)
+    m = load_manifest(b)
+    assert m.llm.onnx_graph.kind == "fused" and m.llm.onnx_graph.dtype == "float32"
+    assert m.validation.llm_fp32.top1_agreement == 1.0 and m.validation.llm_fp32.logits_max_abs_diff < 1e-3
+    shape = from_bundle(b)
+    assert shape.bundle["llm_weight_bytes"] == m.files["llm.onnx"].bytes + m.files["llm.onnx.data"].bytes
+    assert shape.bundle["onnx_dtype"] == "float32"
 
 
 def test_onnx_runtime_does_not_import_torch(export_backend, shape_image):

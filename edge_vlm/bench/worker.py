@@ -85,7 +85,7 @@ class Target:
         table (one row is read per token; onnx keeps it in a separate .npy, not counted at all)."""
         m, name = self.pipe.manifest, self.pipe.manifest.llm.file
         total = sum(r.bytes for f, r in m.files.items()
-                    if (f == name or f.startswith(name + "/")) and f.endswith(WEIGHT_SUFFIXES))
+                    if (f == name or f.startswith((name + "/", name + "."))) and f.endswith(WEIGHT_SUFFIXES))
         try:
             from edge_vlm.plan.memory import input_embedding_bytes
             from edge_vlm.plan.shapes import from_bundle

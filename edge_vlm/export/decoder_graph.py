@@ -169,13 +169,20 @@ class DecoderBuilder:
                 attrs["accuracy_level"] = q.accuracy_level
             y = g.op("MatMulNBits", ins, domain="com.microsoft", stem=stem, **attrs)
             if qm.correction is not None:
-                self.weight_elems["float (HQQ zero-point corrections)"] = (
-                    self.weight_elems.get("float (HQQ zero-point corrections)", 0) + qm.correction.size)
-                corr = g.op("MatMul", [self.blocksum(x, k), g.weight(f"{stem}.zp_correction", qm.correction)])
+                self.weight_elems["float16 (HQQ zero-point corrections)"] = (
+                    self.weight_elems.get("float16 (HQQ zero-point corrections)", 0) + qm.correction.size)
+                corr = g.op("MatMul", [self.blocksum(x, k), self.half_weight(f"{stem}.zp_correction", qm.correction)])
                 y = g.op("Sub", [y, corr])
         if b is not None:
             y = g.op("Add", [y, g.weight(f"{stem}.bias", b)])
         return y
+
+    def half_weight(self, name: str, array: np.ndarray) -> str:
+        """A float tensor stored in fp16 (half the file) and used in the graph's type: onnxruntime folds the
+        Cast once at load. For HQQ's corrections, which are at most half a quantization step each."""
+        if self.g.np_float == np.float16:
+            return self.g.weight(name, array)
+        return self.g.op("Cast", [self.g.init(name + ".fp16", array.astype(np.float16))], to=self.g.ftype)
 
     def blocksum(self, x: str, k: int) -> str:
         """Sum of x over each quantization block ([1, seq, K / block]); shared by projections of the same input."""

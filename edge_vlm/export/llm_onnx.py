@@ -337,6 +337,15 @@ def export_llm(ctx):
     return _export_traced(ctx, q)
 
 
+def _for_cuda(device: str) -> bool:
+    """The graph's precision follows the device the bundle is for; auto means this machine's."""
+    if device == "auto":
+        from edge_vlm.runtime.device import ort_has_cuda
+
+        return ort_has_cuda()
+    return device == "cuda"
+
+
 def _quant_record(q: OnnxQuantConfig, method: str, mix: dict, extra: dict | None = None) -> dict:
     return {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
             **({} if q.bits == 16 else {"group_size": q.block_size,
@@ -361,7 +370,7 @@ def _export_fused(ctx, q: OnnxQuantConfig):
     from edge_vlm.runtime.llm_onnx import OnnxDecoderSession
 
     cfg, src = ctx.cfg, ctx.src
-    dtype = "float16" if cfg.device == "cuda" else "float32"
+    dtype = "float16" if _for_cuda(cfg.device) else "float32"
     gq = decoder_graph.GraphQuant(bits=q.bits, block=q.block_size, method=q.int4_method,
                                   accuracy_level=q.accuracy_level or 0, dtype=dtype)
     fp32_bytes = sum(p.numel() for p in src.llm.parameters()) * 4

@@ -26,7 +26,9 @@ GIB = 2**30
 # bundles on this machine (2-core Xeon): measured peak RSS minus the weights, KV and buffers the
 # model below predicts, per backend (`make bench`; raw figures in benchmarks/results/nano-backends.json).
 # The full-size TinyGPT-V and MiniGPT-4-7B runs check the model out of sample (README).
-RUNTIME_MB = {"gguf": 165, "onnx": 275, "torch": 425, "bnb": 540, "gptq": 820}
+# onnx recalibrated on the fused graph (2-core AMD EPYC, 2026-11-30, benchmarks/results/nano-onnx-fused.json:
+# 162-167 MB for its int4/int8 bundles, 185 for a traced one; it was 275 when every bundle was traced).
+RUNTIME_MB = {"gguf": 165, "onnx": 165, "torch": 425, "bnb": 540, "gptq": 820}
 
 # Bits per weight of the decoder blocks' matrices as each backend stores them.
 BLOCK_BITS = {
