@@ -226,6 +226,17 @@ class FileRecord(_Section):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+WEIGHT_SUFFIXES = (".gguf", ".onnx", ".data", ".safetensors", ".bin")
+
+
+def llm_weight_files(m: "Manifest") -> dict[str, int]:
+    """{file: bytes} of the LLM's weights: its file, an onnx file's external data beside it (llm.onnx.data),
+    or the files of its checkpoint folder (gptq, bnb)."""
+    name = m.llm.file
+    return {f: r.bytes for f, r in m.files.items()
+            if (f == name or f.startswith((name + "/", name + "."))) and f.endswith(WEIGHT_SUFFIXES)}
+
+
 class Manifest(_Section):
     family: Name
     source: SourceInfo

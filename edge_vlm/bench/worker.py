@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHT_SUFFIXES = (".gguf", ".onnx", ".data", ".safetensors", ".bin")
 
 
 def peak_rss_mb() -> float:
@@ -83,9 +82,10 @@ class Target:
     def _bundle_llm_bytes(self) -> int:
         """Bytes of LLM weights read per token: the bundle's LLM files minus an untied input-embedding
         table (one row is read per token; onnx keeps it in a separate .npy, not counted at all)."""
-        m, name = self.pipe.manifest, self.pipe.manifest.llm.file
-        total = sum(r.bytes for f, r in m.files.items()
-                    if (f == name or f.startswith((name + "/", name + "."))) and f.endswith(WEIGHT_SUFFIXES))
+        from edge_vlm.manifest import llm_weight_files
+
+        m = self.pipe.manifest
+        total = sum(llm_weight_files(m).values())
         try:
             from edge_vlm.plan.memory import input_embedding_bytes
             from edge_vlm.plan.shapes import from_bundle

@@ -82,7 +82,7 @@ class GraphWriter:
         return f"{stem}.{self.count}"
 
     def init(self, name: str, array: np.ndarray) -> str:
-        from onnx import TensorProto, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
         array = np.require(array, requirements="C")  # (ascontiguousarray would make a scalar 1-d)
         if array.nbytes < INLINE_BYTES:
@@ -94,7 +94,7 @@ class GraphWriter:
             pos = self.data.tell()
         self.data.write(array.tobytes())
         t = TensorProto()
-        t.name, t.data_type = name, numpy_helper.helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.data_name), ("offset", str(pos)), ("length", str(array.nbytes))):

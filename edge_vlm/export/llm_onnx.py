@@ -294,6 +294,11 @@ def weight_mix(path: Path, extra: dict | None = None) -> dict:
         key = names[t.data_type].lower() + (" (HQQ zero-point corrections)" if ".zp_split.corr" in name else "")
         by_type[key] = by_type.get(key, 0) + elems
         nbytes += _tensor_bytes(t)
+    return tensor_mix(by_type, nbytes)
+
+
+def tensor_mix(by_type: dict, nbytes: int) -> dict:
+    """{storage label: elements} and the bytes they take -> the manifest's fractions and bits per weight."""
     total = sum(by_type.values())
     return {"tensor_types": {k: round(v / total, 4) for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])},
             "bits_per_weight": round(8 * nbytes / total, 3), "n_params": total}
@@ -346,7 +351,8 @@ def _for_cuda(device: str) -> bool:
     return device == "cuda"
 
 
-def _quant_record(q: OnnxQuantConfig, method: str, mix: dict, extra: dict | None = None) -> dict:
+def _quant_record(q: OnnxQuantConfig, mix: dict, extra: dict | None = None) -> dict:
+    method = {16: "fp16 weights", 4: f"MatMulNBits int4 ({q.int4_method})"}.get(q.bits, f"MatMulNBits int{q.bits} (rtn)")
     return {"requested": f"onnx-{'fp16' if q.bits == 16 else f'int{q.bits}'}", "bits": q.bits, "method": method,
             **({} if q.bits == 16 else {"group_size": q.block_size,
                                          "symmetric": q.symmetric if q.bits == 8 or q.int4_method == "rtn" else None,
@@ -420,12 +426,8 @@ def _export_fused(ctx, q: OnnxQuantConfig):
     elems["float16 (embed_tokens.npy)"] = table.size
     data = ctx.bw.path(llm_file + ".data")
     nbytes = data.stat().st_size + table.nbytes
-    total = sum(elems.values())
-    mix = {"tensor_types": {k: round(v / total, 4) for k, v in sorted(elems.items(), key=lambda kv: -kv[1])},
-           "bits_per_weight": round(8 * nbytes / total, 3), "n_params": total}
-    method = {16: "fp16 weights", 4: f"MatMulNBits int4 ({q.int4_method})"}.get(q.bits, f"MatMulNBits int{q.bits} (rtn)")
     extra = {} if q.bits >= 16 else {"lm_head_bits": gq.head_bits}
-    quant = _quant_record(q, method, mix, extra)
+    quant = _quant_record(q, tensor_mix(elems, nbytes), extra)
     spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
                    n_ctx_train=ctx.llm_config.max_position_embeddings, quant=quant,
                    tokenizer={**tok, "embed_tokens": "embed_tokens.npy"},
@@ -465,9 +467,8 @@ def _export_traced(ctx, q: OnnxQuantConfig):
     session = OnnxDecoderSession(ctx.bw.path(llm_file), np.load(ctx.bw.path("embed_tokens.npy")), bundle_tok,
                                  n_ctx=512, threads=cfg.threads)
     _, agreement = llm_validate.validate_llm(ctx, session, f"ONNX LLM at {q.bits} bits", MIN_AGREEMENT[q.bits])
-    method = {16: "fp16 weights", 4: f"MatMulNBits int4 ({q.int4_method})"}.get(q.bits, f"MatMulNBits int{q.bits} (rtn)")
     spec = LLMSpec(backend="onnx", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
-                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=_quant_record(q, method, mix),
+                   n_ctx_train=ctx.llm_config.max_position_embeddings, quant=_quant_record(q, mix),
                    tokenizer={**tok, "embed_tokens": "embed_tokens.npy"}, onnx_graph={"kind": "traced"})
     return spec, {"llm_fp32": {"prompt": ctx.validation_prompt, **exact},
                   "llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 METHODS = ("rtn", "hqq")
-HQQ_ROWS = 256  # output rows per HQQ pass: 256 x K floats stay near the cache (1.5-1.8x faster than whole matrices)
+HQQ_ROWS = 256  # output rows per HQQ pass (whole-matrix passes make temporaries the size of the matrix)
 
 
 @dataclass
@@ -67,7 +67,7 @@ def quantize(w: np.ndarray, bits: int, block: int, method: str = "rtn") -> Quant
         raise ValueError(f"MatMulNBits takes 4 or 8 bits, not {bits}")
     n, k = w.shape
     wb = blocks(w, block)
-    if method == "hqq" and bits == 4:  # in row chunks that stay in cache: 3-5x faster than whole-matrix passes
+    if method == "hqq" and bits == 4:  # in row chunks: each pass's temporaries stay small
         parts = [_hqq(wb[i:i + HQQ_ROWS], bits) for i in range(0, n, HQQ_ROWS)]
         q, z, s = (np.concatenate([p[j] for p in parts]) for j in range(3))
     elif method in METHODS:
@@ -97,8 +97,7 @@ def _rtn(wb, bits):
 
 def _hqq(wb, bits, iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
     """HQQ's zero-point solver: alternate rounding and an l_p-shrunk fit of the zero point, keep each block's
-    best. In torch (threaded; the export has it loaded anyway): numpy's single-threaded elementwise loop
-    took 72 s for a 135M-parameter model."""
+    best. In torch (threaded; the export has it loaded anyway) rather than numpy's single-threaded loops."""
     import torch
 
     top = (1 << bits) - 1

@@ -209,7 +209,7 @@ def vision_shape_dict(v: VisionShape) -> dict:
 def from_bundle(bundle: Path) -> ModelShape:
     """Exact file sizes from the manifest; the KV geometry from `llm.shape` (written at export). A
     bundle from before `llm.shape` existed is planned from its source, if that is still on disk."""
-    from edge_vlm.manifest import load_manifest
+    from edge_vlm.manifest import llm_weight_files, load_manifest
 
     m = load_manifest(bundle)
     if m.llm.shape:
@@ -226,9 +226,7 @@ def from_bundle(bundle: Path) -> ModelShape:
         llm, vis = src.llm, vision_shape_dict(src.vision)
     vision_files = {f: r.bytes for f, r in m.files.items()
                     if f == m.vision.file or f.startswith(m.vision.file + ".")}
-    name = m.llm.file
-    weights = {f: r.bytes for f, r in m.files.items() if (f == name or f.startswith((name + "/", name + ".")))
-               and f.endswith((".gguf", ".onnx", ".data", ".safetensors", ".bin"))}
+    weights = llm_weight_files(m)
     try:
         vision = VisionShape(image_tokens=m.vision.n_image_tokens, file_bytes=sum(vision_files.values()), **vis)
         llm = llm if isinstance(llm, LLMShape) else LLMShape(**llm)
