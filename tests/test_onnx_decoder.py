@@ -45,6 +45,28 @@ def test_packing_is_what_onnxruntime_dequantizes(bits, method):
     assert err < {4: 0.1, 8: 0.01}[bits]
 
 
+def test_folded_hqq_correction_is_one_kernel_on_the_fast_path():
+    """HQQ's zero-point remainder, folded into extra K columns that read [x, blocksum(x), 0...], gives what the
+    float-zero-point matrix gives, through onnxruntime's fast int8-activation kernel (accuracy_level 4)."""
+    rng = np.random.default_rng(3)
+    k, n = 96, 40
+    w = (rng.integers(0, 16, (n, k)) * 0.01 - 0.077).astype(np.float32)  # a float-offset grid: corrections matter
+    qm = nbits.quantize(w, 4, 32, "hqq")
+    folded = nbits.fold_correction(qm)
+    assert folded.correction is None and folded.k == k + nbits.correction_columns(qm) == k + 32
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    sums = np.zeros((1, 5, 32), np.float32)
+    sums[..., :3] = x.reshape(1, 5, 3, 32).sum(-1)
+    want = x @ qm.dequantize().T
+    got0 = matmul_nbits(folded, 0).run(None, {"x": np.concatenate([x, sums], -1)})[0]
+    got4 = matmul_nbits(folded, 4).run(None, {"x": np.concatenate([x, sums], -1)})[0]
+    scale = np.abs(want).max()
+    assert np.abs(got0 - want).max() < 5e-3 * scale  # only the corrections' own 4-bit rounding
+    assert np.abs(got4 - want).max() < 2e-2 * scale  # plus int8 activations
+    rounded_only = x @ (qm.dequantize() + np.repeat(qm.correction.T, 32, 1)).T  # what dropping them would cost
+    assert np.abs(rounded_only - want).max() > 10 * np.abs(got0 - want).max()
+
+
 def test_hqq_beats_rtn_on_weights_already_on_a_float_offset_grid():
     """The built-in model's weights were Q4_1 (w = d * q + m per block of 32): rtn's integer zero point shifts
     each block by up to half a step, HQQ's split zero point does not."""

@@ -141,7 +141,7 @@ class GraphWriter:
 class DecoderBuilder:
     def __init__(self, g: GraphWriter, d: DecoderDims, q: GraphQuant):
         self.g, self.d, self.q = g, d, q
-        self._blocksums = {}
+        self._blocksums, self._ones = {}, {}
         self.weight_elems = {}  # label -> elements, for the manifest's tensor mix
 
     # ---- projections -----------------------------------------------------------------------------
@@ -162,35 +162,33 @@ class DecoderBuilder:
             qm = nbits.quantize(w, bits, q.block, method)
             key = f"int{bits} (block {q.block})"
             self.weight_elems[key] = self.weight_elems.get(key, 0) + w.size
+            if qm.correction is not None:  # hqq: its zero-point remainder rides along as extra K columns
+                label = f"int{bits} (HQQ zero-point corrections)"
+                self.weight_elems[label] = self.weight_elems.get(label, 0) + n * nbits.correction_columns(qm)
+                qm = nbits.fold_correction(qm)
+                x = self.with_blocksums(x, k)
             ins = [x, g.init(f"{stem}.qweight", qm.packed), g.weight(f"{stem}.scales", qm.scales),
                    g.init(f"{stem}.zero_points", qm.zeros)]
-            attrs = {"K": k, "N": n, "bits": bits, "block_size": q.block}
+            attrs = {"K": qm.k, "N": n, "bits": bits, "block_size": q.block}
             if q.accuracy_level:
                 attrs["accuracy_level"] = q.accuracy_level
             y = g.op("MatMulNBits", ins, domain="com.microsoft", stem=stem, **attrs)
-            if qm.correction is not None:
-                self.weight_elems["float16 (HQQ zero-point corrections)"] = (
-                    self.weight_elems.get("float16 (HQQ zero-point corrections)", 0) + qm.correction.size)
-                corr = g.op("MatMul", [self.blocksum(x, k), self.half_weight(f"{stem}.zp_correction", qm.correction)])
-                y = g.op("Sub", [y, corr])
         if b is not None:
             y = g.op("Add", [y, g.weight(f"{stem}.bias", b)])
         return y
 
-    def half_weight(self, name: str, array: np.ndarray) -> str:
-        """A float tensor stored in fp16 (half the file) and used in the graph's type: onnxruntime folds the
-        Cast once at load. For HQQ's corrections, which are at most half a quantization step each."""
-        if self.g.np_float == np.float16:
-            return self.g.weight(name, array)
-        return self.g.op("Cast", [self.g.init(name + ".fp16", array.astype(np.float16))], to=self.g.ftype)
-
-    def blocksum(self, x: str, k: int) -> str:
-        """Sum of x over each quantization block ([1, seq, K / block]); shared by projections of the same input."""
+    def with_blocksums(self, x: str, k: int) -> str:
+        """[x, blocksum(x), 0...]: x followed by its sum over each quantization block, padded with zeros to whole
+        blocks (one MatMul with a 0/1 matrix, then Concat); shared by the projections that read the same x."""
         key = (x, self.q.block)
         if key not in self._blocksums:
-            g = self.g
-            rows = g.op("Reshape", [x, g.const([0, 0, k // self.q.block, self.q.block])])
-            self._blocksums[key] = g.op("ReduceSum", [rows, g.const([-1])], keepdims=0)
+            g, blk = self.g, self.q.block
+            if k not in self._ones:
+                ones = np.zeros((k, -(-(k // blk) // blk) * blk), np.float32)
+                ones[np.arange(k), np.arange(k) // blk] = 1.0
+                self._ones[k] = g.weight(f"blocksum.{k}", ones)
+            sums = g.op("MatMul", [x, self._ones[k]])
+            self._blocksums[key] = g.op("Concat", [x, sums], axis=-1)
         return self._blocksums[key]
 
     # ---- attention -------------------------------------------------------------------------------

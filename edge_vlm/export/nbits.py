@@ -18,7 +18,9 @@ here ends with integer zero points. Methods:
         sparsity-promoting (l_p, p < 1) error, which suits weights with outliers and weights that were
         already quantized on another grid (the built-in model's Q4_1). Its float zero point z is split
         exactly into zi = round(z) and a remainder d = z - zi; the remainder's effect is
-        -blocksum(x) @ (d * s)^T, a small fp32 matmul the graph adds (`correction`).
+        -blocksum(x) @ (d * s)^T (`correction`). `fold_correction` makes that term extra K columns of the same
+        MatMulNBits, which then takes [x, blocksum(x)]: one kernel per projection, no extra matmul and
+        subtraction (each small op costs a few microseconds per token, and a 30-layer decoder has 120).
 """
 from __future__ import annotations
 
@@ -82,6 +84,29 @@ def quantize(w: np.ndarray, bits: int, block: int, method: str = "rtn") -> Quant
         correction = np.ascontiguousarray(d.T, dtype=np.float32)
     return QuantizedMatrix(n, k, bits, block, pack(q.astype(np.uint8), bits), s.reshape(-1).astype(np.float32),
                            pack_zeros(zi[..., 0].astype(np.uint8), bits), correction)
+
+
+def fold_correction(qm: QuantizedMatrix) -> QuantizedMatrix:
+    """The same projection over K' = K + extra columns that hold -correction, quantized to the matrix's own
+    bits (rtn; a correction is at most half a step, so its rounding error is a few percent of that):
+    x @ W^T = [x, blocksum(x), 0...] @ W'^T. The block sums are padded with zeros to whole blocks;
+    `correction_columns(qm)` says how many columns the graph must append."""
+    assert qm.correction is not None and qm.k % qm.block == 0, "only a block-aligned hqq matrix has a correction"
+    nb = qm.packed.shape[1]
+    extra = np.zeros((qm.n, correction_columns(qm)), np.float32)
+    extra[:, :nb] = -qm.correction.T
+    cq = quantize(extra, qm.bits, qm.block, "rtn")
+    zeros = np.concatenate([unpack_zeros(qm.zeros, qm.bits, nb), unpack_zeros(cq.zeros, cq.bits, cq.packed.shape[1])], 1)
+    return QuantizedMatrix(qm.n, qm.k + extra.shape[1], qm.bits, qm.block,
+                           np.ascontiguousarray(np.concatenate([qm.packed, cq.packed], 1)),
+                           np.concatenate([qm.scales.reshape(qm.n, nb), cq.scales.reshape(qm.n, -1)], 1).reshape(-1),
+                           pack_zeros(zeros, qm.bits))
+
+
+def correction_columns(qm: QuantizedMatrix) -> int:
+    """Columns appended to x for a folded correction: one block sum per block, padded to whole blocks."""
+    nb = -(-qm.k // qm.block)
+    return -(-nb // qm.block) * qm.block
 
 
 def _rtn(wb, bits):

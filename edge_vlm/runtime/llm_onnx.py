@@ -41,6 +41,8 @@ class OnnxDecoderSession:
             self.kv_shape = (1, int(shape[1]), 0, int(shape[3]))
             self.n_embd = int(ins["inputs_embeds"].shape[2])
             self.dtype = np.float16 if ins["inputs_embeds"].type == "tensor(float16)" else np.float32
+            vocab = self.sess.get_outputs()[0].shape[-1]  # the fused graph's logits are [1, vocab]
+            self.n_vocab = vocab if isinstance(vocab, int) else None
         except (KeyError, IndexError, ValueError, TypeError):
             raise BundleError(f"{path} lacks the inputs of an edge-vlm ONNX decoder (inputs_embeds [1, n, width], "
                               "past*.key/value [1, kv_heads, past, head_dim]): export the bundle again") from None
@@ -76,6 +78,7 @@ class OnnxDecoderSession:
         self.past = self._cache(self.capacity)
         self.n_past = 0
         self._logits = None
+        self._binding = None
 
     def _cache(self, positions: int, keep: int = 0):
         """Cache buffers of `positions` slots; the first `keep` positions are copied from the current ones."""
@@ -90,32 +93,52 @@ class OnnxDecoderSession:
             fresh.append(ort.OrtValue.ortvalue_from_numpy(buf, self.device, 0))
         return fresh
 
+    def _fused_binding(self):
+        """One IOBinding for the whole conversation: the cache buffers (past = present, written in place) and a
+        logits buffer in host memory are bound once, and again only when the cache grows; each step then binds
+        just its three small inputs (decode at one token is short enough for per-step rebinding to show)."""
+        import onnxruntime as ort
+
+        b = self.sess.io_binding()
+        for past, present, value in zip(self.past_names, self.present_names, self.past):
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)
+        self._logits_buf = np.empty((1, self.n_vocab), np.float32)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits_buf))
+        return b
+
     def _run(self, embeds: np.ndarray):
         n = embeds.shape[0]
         total = self.n_past + n
         if total > self.n_ctx:
             raise ContextOverflow(total, self.n_ctx)
-        b = self.sess.io_binding()
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self.dtype))
-        b.bind_output("logits", "cpu")
-        if self.fused:
+        x = np.ascontiguousarray(embeds[None], dtype=self.dtype)
+        if self.fused and self.n_vocab:
             if total > self.capacity:  # CPU: grow by doubling (a copy only log2(n_ctx) times)
                 self.capacity = min(self.n_ctx, max(total, 2 * self.capacity))
                 self.past = self._cache(self.capacity, self.n_past)
-            b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-            b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-            for past, present, value in zip(self.past_names, self.present_names, self.past):
-                b.bind_ortvalue_input(past, value)
-                b.bind_ortvalue_output(present, value)
+                self._binding = None
+            if self._binding is None:
+                self._binding = self._fused_binding()
+            b = self._binding
+            # the arrays must outlive the run: onnxruntime reads them in place
+            self._step_inputs = (x, np.array([total - 1], np.int32), np.array(total, np.int32))
+            b.bind_cpu_input("inputs_embeds", self._step_inputs[0])
+            b.bind_cpu_input("seqlens_k", self._step_inputs[1])
+            b.bind_cpu_input("total_sequence_length", self._step_inputs[2])
+            self.sess.run_with_iobinding(b)
+            self._logits = self._logits_buf[0].copy()
         else:
+            b = self.sess.io_binding()
+            b.bind_cpu_input("inputs_embeds", x)
+            b.bind_output("logits", "cpu")
             for name, value in zip(self.past_names, self.past):
                 b.bind_ortvalue_input(name, value)
             for name in self.present_names:
                 b.bind_output(name, self.device)
-        self.sess.run_with_iobinding(b)
-        out = b.get_outputs()
-        self._logits = out[0].numpy()[0].astype(np.float32, copy=False)
-        if not self.fused:
+            self.sess.run_with_iobinding(b)
+            out = b.get_outputs()
+            self._logits = out[0].numpy()[0].astype(np.float32, copy=False)
             self.past = list(out[1:])
         self.n_past = total
 
@@ -132,7 +155,7 @@ class OnnxDecoderSession:
         return self._logits
 
     def close(self):
-        self.sess = None
+        self.sess = self._binding = None
         self.past = []
 
 
