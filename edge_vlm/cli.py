@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="device the bundle is for (backend auto skips backends that cannot run there; onnx: cuda "
                         "or auto on a machine with onnxruntime-gpu gives fp16 activations and KV cache)")
+    p.add_argument("--vision-precision", choices=["fp32", "fp16", "int8", "auto"], default=None,
+                   help="the vision model's precision, held to a cosine floor against torch fp32 on held-out "
+                        "images: fp16 (a true fp16 graph with --device cuda; fp16 weights cast at load on a CPU), "
+                        "int8 (linear layers int8, dynamic activations; CPU), auto (the smallest that validates for "
+                        "--device). Default: auto for a CUDA bundle (fp16), fp32 for a CPU bundle")
+    p.add_argument("--vision-calibration", default=None, metavar="DIR",
+                   help="images that choose what stays fp32 in an int8 vision model (a folder of PNG/JPEG/WebP, or "
+                        "easy-VQA's format; default calibration_data/easy-vqa-sample)")
     p.add_argument("--min-agreement", type=_float_in(0, 1), default=None,
                    help="replace the backend's floor on quantized agreement with torch (recorded in the manifest); "
                         "for models whose logits carry no signal, such as edge-vlm synth's random weights")
@@ -287,8 +295,9 @@ examples:
     p.add_argument("--images", type=_int_in(0, 1024), default=1, help="images in the context (default 1)")
     p.add_argument("--bits", type=int, choices=[4, 8, 16], help="only this many bits (sources and shapes)")
     p.add_argument("--backend", default=None, help="only this backend (default: what auto picks per bits)")
-    p.add_argument("--vision-precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp32 (what export writes today) or fp16 (a prediction)")
+    p.add_argument("--vision-precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="only this vision precision (default: each that suits the device: fp32 and fp16 on a GPU, "
+                        "fp32 and int8 on a CPU; a bundle's own)")
     p.add_argument("--vision-device", choices=["same", "cpu"], default="same",
                    help="cpu: the vision model in host RAM, the LLM alone on the GPU (run --vision-device cpu)")
     p.add_argument("--reserve", type=_float_in(0, 1e6), default=None, help="GB the model cannot use (default: the device's)")
@@ -380,7 +389,9 @@ def cmd_export(a):
     flags = {"source": a.source, "backend": a.backend, "bits": a.bits, "quant": a.quant,
              "group_size": a.group_size, "accuracy_level": a.accuracy_level, "int4_method": a.int4_method,
              "calibration": a.calibration,
-             "calibration_data": a.calibration_data}
+             "calibration_data": a.calibration_data, "vision_precision": a.vision_precision,
+             "vision_calibration": absolute_path(a.vision_calibration, "--vision-calibration")
+             if a.vision_calibration else None}
     if a.bits is not None and a.quant is None:
         fields.pop("quant", None)  # --bits on the command line overrides the recipe's quant
     fields.update({k: v for k, v in flags.items() if v is not None})
@@ -398,9 +409,20 @@ def cmd_export(a):
               f"{_validation_line(m.validation)}")
 
 
+def _vision_precision(v) -> str:
+    built = {"cuda": " (fp16 graph for CUDA)", "cpu": " (fp16 weights, fp32 compute on a CPU)"}.get(v.built_for, "")
+    return f"{v.precision}{built if v.precision == 'fp16' else ''}"
+
+
 def _validation_line(v) -> str:
     vision = (f"vision ONNX max |diff| vs torch {max(v.vision.max_abs_diff.values()):.2g} (atol {v.vision.atol})"
               if v.vision else "vision: not validated")
+    prec = getattr(v.vision, "precision", None) if v.vision else None
+    if isinstance(prec, dict) and prec.get("cosine_vs_torch_fp32"):
+        c = prec["cosine_vs_torch_fp32"]
+        auto = " (auto)" if prec.get("requested") == "auto" else ""
+        vision += (f"; vision {prec.get('precision')}{auto}: cosine vs torch fp32 mean {c['mean']:.5f}, min "
+                   f"{c['min']:.5f} on {c['images']} held-out images")
     return f"{vision}; LLM {_agreement_line(v.llm) if v.llm else 'not validated'}"
 
 
@@ -484,7 +506,8 @@ def cmd_run(a):
         print(json.dumps({"bundle": a.bundle, "image": a.image, "prompt": a.prompt, "text": r.text,
                           "stop_reason": r.stats.stop_reason, "prompt_tokens": r.stats.prompt_tokens,
                           "image_tokens": r.stats.image_tokens, "generated_tokens": r.stats.generated_tokens,
-                          "timings_ms": r.timings_ms, "device": p.device.summary}, indent=2))
+                          "timings_ms": r.timings_ms, "device": p.device.summary,
+                          "vision_precision": p.manifest.vision.precision}, indent=2))
     else:
         print()
 
@@ -501,7 +524,7 @@ def cmd_inspect(a):
     print(f"edge-vlm bundle {a.bundle} (format {m.format_version}, made by edge-vlm {m.edge_vlm_version})")
     print(f"  family      {m.family}: {m.source.description}")
     print(f"  vision      {m.vision.file}: {m.preprocess.image_size}px {m.preprocess.resize}, mean {m.preprocess.mean}, "
-          f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}")
+          f"std {m.preprocess.std} -> {m.vision.n_image_tokens} tokens x {m.vision.n_embd}, {_vision_precision(m.vision)}")
     print(f"  llm         {m.llm.file}: {m.llm.arch} via {m.llm.backend}, {_quant_line(q)}")
     if m.llm.onnx_graph:
         print(f"  graph       {_graph_line(m.llm.onnx_graph)}")

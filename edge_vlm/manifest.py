@@ -91,6 +91,8 @@ class VisionSpec(_Section):
     n_image_tokens: Annotated[int, Field(ge=1, le=1 << 16)]
     n_embd: Annotated[int, Field(ge=1, le=1 << 17)]
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    # fp16 only: "cuda" = a true fp16 graph (fp16 compute on a GPU); "cpu" = fp16 weights cast to fp32 at load
+    built_for: Literal["cpu", "cuda"] | None = None
     shape: VisionShapeSpec | None = None
 
     _empty_shape = field_validator("shape", mode="before")(lambda v: v or None)  # {} in older bundles

@@ -138,9 +138,9 @@ def test_onnx_quantized_bundle_runs_and_records_its_quantization(export_backend,
     # wider); the token-embedding table beside the graph is fp16
     types = q.tensor_types
     assert q.lm_head_bits == 8 and m.llm.onnx_graph.kind == "fused"
-    # (4 bits: HQQ's zero points split into integer ones + fp32 corrections, one per block and column)
+    # (4 bits: HQQ's zero points split into integer ones + corrections, int4 columns folded into each projection)
     assert types[f"int{bits} (block 32)"] > 0 and types["int8 (block 32)"] + types.get("int4 (block 32)", 0) + types[
-        "float16 (embed_tokens.npy)"] + types.get("float16 (HQQ zero-point corrections)", 0) > 0.99
+        "float16 (embed_tokens.npy)"] + types.get("int4 (HQQ zero-point corrections)", 0) > 0.99
     assert bits < q.bits_per_weight < 16
     assert set(m.files) == {"vision.onnx", "llm.onnx", "llm.onnx.data", "embed_tokens.npy", "tokenizer.json"}
     with Pipeline.load(b, CPU) as p:

@@ -278,7 +278,8 @@ def assemble(cfg, specs, raw, fidelity, questions, bw, predictions, mode, why, i
             t["files_mb"] = {f: round(x.bytes / 1e6, 2) for f, x in m.files.items()}
             t["bundle_mb"] = round(sum(x.bytes for x in m.files.values()) / 1e6, 1)
             q = m.llm.quant
-            t["llm_desc"] = f"{m.llm.backend} {q.method or ''}".strip()
+            t["llm_desc"] = f"{m.llm.backend} {q.method or ''}".strip() + f"; vision {m.vision.precision}"
+            t["vision_precision"] = m.vision.precision
             t["bits_per_weight"] = q.bits_per_weight
         else:
             t["llm_desc"] = f"torch {'fp16' if s.llm_dtype == 'float16' else 'fp32'}"

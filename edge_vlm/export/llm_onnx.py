@@ -369,6 +369,7 @@ def _bundle_tokenizer(ctx):
 
 
 def _export_fused(ctx, q: OnnxQuantConfig):
+    import torch
     from tqdm import tqdm
 
     from edge_vlm.export import decoder_graph, llm_validate
@@ -400,8 +401,10 @@ def _export_fused(ctx, q: OnnxQuantConfig):
     llm_file = "llm.onnx"
     info = build(ctx.bw.path(llm_file), gq, f"int{q.bits} decoder" if q.bits < 16 else "fp16 decoder")
     tok, bundle_tok = _bundle_tokenizer(ctx)
-    table32 = src.llm.get_input_embeddings().weight.detach().float().numpy().copy()  # the check graph's
-    table = table32.astype(np.float16)  # the bundle's
+    weight = src.llm.get_input_embeddings().weight.detach()
+    table = weight.to(torch.float16).numpy().copy()  # the bundle's (no fp32 copy of a 51k-row table at the peak)
+    table32 = weight.float().numpy().copy() if check_dir is not None else None  # the fp32 check graph's
+    del weight
     np.save(ctx.bw.path("embed_tokens.npy"), table)
     ctx.release_torch_llm()  # from here on the ONNX files are the model
     ctx.step("validate fp32 decoder")

@@ -30,6 +30,7 @@ import numpy as np
 
 METHODS = ("rtn", "hqq")
 HQQ_ROWS = 256  # output rows per HQQ pass (whole-matrix passes make temporaries the size of the matrix)
+RTN_ROWS = 4096  # output rows per round-to-nearest pass
 
 
 @dataclass
@@ -67,23 +68,26 @@ def blocks(w: np.ndarray, block: int) -> np.ndarray:
 def quantize(w: np.ndarray, bits: int, block: int, method: str = "rtn") -> QuantizedMatrix:
     if bits not in (4, 8):
         raise ValueError(f"MatMulNBits takes 4 or 8 bits, not {bits}")
-    n, k = w.shape
-    wb = blocks(w, block)
-    if method == "hqq" and bits == 4:  # in row chunks: each pass's temporaries stay small
-        parts = [_hqq(wb[i:i + HQQ_ROWS], bits) for i in range(0, n, HQQ_ROWS)]
-        q, z, s = (np.concatenate([p[j] for p in parts]) for j in range(3))
-    elif method in METHODS:
-        q, z, s = _rtn(wb, bits)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
+    n, k = w.shape
+    nb = -(-k // block)
+    hqq = method == "hqq" and bits == 4
     top = (1 << bits) - 1
-    zi = np.clip(np.rint(z), 0, top)
-    correction = None
-    if method == "hqq" and bits == 4:
-        d = (z - zi)[..., 0] * s[..., 0]  # [N, nb]
-        correction = np.ascontiguousarray(d.T, dtype=np.float32)
-    return QuantizedMatrix(n, k, bits, block, pack(q.astype(np.uint8), bits), s.reshape(-1).astype(np.float32),
-                           pack_zeros(zi[..., 0].astype(np.uint8), bits), correction)
+    packed = np.empty((n, nb, block * bits // 8), np.uint8)
+    scales, zeros = np.empty((n, nb), np.float32), np.empty((n, nb), np.uint8)
+    correction = np.empty((n, nb), np.float32) if hqq else None
+    rows = HQQ_ROWS if hqq else RTN_ROWS
+    for i in range(0, n, rows):  # in row chunks: temporaries stay small (a 51200-row output head is 0.5 GB in fp32)
+        wb = blocks(w[i:i + rows], block)
+        q, z, s = _hqq(wb, bits) if hqq else _rtn(wb, bits)
+        zi = np.clip(np.rint(z), 0, top)
+        packed[i:i + rows] = pack(q.astype(np.uint8), bits)
+        scales[i:i + rows], zeros[i:i + rows] = s[..., 0], zi[..., 0]
+        if hqq:
+            correction[i:i + rows] = (z - zi)[..., 0] * s[..., 0]
+    return QuantizedMatrix(n, k, bits, block, packed, scales.reshape(-1), pack_zeros(zeros, bits),
+                           None if correction is None else np.ascontiguousarray(correction.T))
 
 
 def fold_correction(qm: QuantizedMatrix) -> QuantizedMatrix:

@@ -20,7 +20,8 @@ SOURCE_FIELDS = ("family", "vit", "qformer", "ckpt", "llm", "template", "stop", 
                  "trust_checkpoint", "tokenizer_pre", "image_size", "image_tokens", "name", "llm_dtype")
 # trust_checkpoint is not a recipe field: trusting a file is decided on the command line (--trust-checkpoint)
 RECIPE_FIELDS = {"source", "backend", "bits", "quant", "group_size", "accuracy_level", "int4_method", "calibration",
-                 "calibration_data", "description", *SOURCE_FIELDS} - {"trust_checkpoint"}
+                 "calibration_data", "vision_precision", "vision_calibration", "description",
+                 *SOURCE_FIELDS} - {"trust_checkpoint"}
 
 
 def _bits(b: int) -> int:  # a Literal[4, 8, 16] would take True for 1-like values; this cannot
@@ -41,6 +42,8 @@ class Recipe(UpstreamFields):
     int4_method: Literal["hqq", "rtn"] | None = None
     calibration: Literal["image", "text"] | None = None
     calibration_data: PathStr | None = None
+    vision_precision: Literal["fp32", "fp16", "int8", "auto"] | None = None
+    vision_calibration: PathStr | None = None  # a folder of images, relative to the recipe
     description: Text | None = None  # for people reading the recipe
 
 
@@ -79,6 +82,7 @@ def load_recipe(path: str) -> dict:
 
         if data["source"] not in BUILTIN:
             data["source"] = absolute_path(p.parent / data["source"], f"recipe {p}: source")
-    if "calibration_data" in data and not Path(data["calibration_data"]).is_absolute():
-        data["calibration_data"] = absolute_path(p.parent / data["calibration_data"], f"recipe {p}: calibration_data")
+    for key in ("calibration_data", "vision_calibration"):
+        if key in data and not Path(data[key]).is_absolute():
+            data[key] = absolute_path(p.parent / data[key], f"recipe {p}: {key}")
     return data

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ class ExportConfig:
     # logits carry no signal, e.g. `edge-vlm synth`'s random weights, where 4-bit noise flips near-tied
     # tokens; the check still runs and its result is in the bundle.
     min_agreement: float | None = None
+    vision_precision: str | None = None  # fp32 | fp16 | int8 | auto; None: per device (export/vision_precision.py)
+    vision_calibration: str | None = None  # folder of images for --vision-precision int8/auto
 
     def gguf_quant(self) -> str:
         from edge_vlm.export.llm_gguf import BITS_TO_QUANT
@@ -59,7 +62,7 @@ def requant_note(source_quant: str | None, quant: str) -> str | None:
             "benchmarks/results/nano-easyvqa-accuracy.md)")
 
 
-COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision")
+COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision", "vision precision")
 
 VALIDATION_PROMPT = "Describe the image."
 
@@ -141,7 +144,10 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     from edge_vlm import __version__
     from edge_vlm.backends import exporter_module
     from edge_vlm.export.bundle import BundleWriter
+    from edge_vlm.export import vision_precision
+    from edge_vlm.export.llm_onnx import _for_cuda
     from edge_vlm.export.vision_onnx import VisionOnnxExporter
+    from edge_vlm.export.vision_precision import VisionPrecisionConfig, calibration_images
     from edge_vlm.families import describe_source, load_source
     from pydantic import ValidationError
 
@@ -165,14 +171,21 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         if cfg.gguf_quant().upper() == "F32" and (cfg.upstream or {}).get("llm_dtype") == "float16":
             raise BadInput("--quant F32 from an fp16-loaded LLM would only widen fp16 values: use --bits 16 (F16), "
                            "or load the LLM with --llm-dtype float32")
+    vcfg = VisionPrecisionConfig(cfg.vision_precision, "cuda" if _for_cuda(cfg.device) else "cpu",
+                                 cfg.vision_calibration)
+    vcfg.check()
+    if vcfg.needs_calibration():
+        calibration_images(vcfg.calibration, required=True)  # no images: fail before any work
     source_root, _ = describe_source(cfg.source, cfg.upstream)  # a missing source fails before any work
     bar = tqdm(total=len(COMMON_STAGES) + 1, desc="export", unit="stage", disable=not progress)
     begun = []
+    stages = StageLog()
 
     def step(name: str):  # close the previous stage on the bar, open the next
         if begun:
             bar.update(1)
         begun.append(name)
+        stages.begin(name)
         bar.set_postfix_str(name)
 
     with BundleWriter(Path(cfg.out), cfg.force) as bw:
@@ -186,23 +199,30 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         step("vision -> ONNX")
         vx = VisionOnnxExporter()
         vision_file = "vision.onnx"
-        vx.export(src.vision, src.preprocess.image_size, bw.path(vision_file))
+        fp32_file = vision_file if vcfg.precision == "fp32" else "vision.fp32.onnx"  # converted below
+        vx.export(src.vision, src.preprocess.image_size, bw.path(fp32_file))
         step("validate vision")
         sample_image = _sample_image()
         p = src.preprocess
         pixels = preprocess(sample_image, p.image_size, p.mean, p.std, p.resize)
-        vision_check = vx.validate(src.vision, bw.path(vision_file), src.preprocess.image_size, pixels)
+        vision_check = vx.validate(src.vision, bw.path(fp32_file), src.preprocess.image_size, pixels)
         with torch.no_grad():
             image_embeds = src.vision(torch.from_numpy(pixels))[0].float().numpy()
         vision_shape = vision_shape_of(src)
+        image_sets = vision_precision.image_sets(src.vision, src.preprocess, sample_image, vcfg)
         src.vision = None  # exported and validated: its torch weights are not needed any more
         gc.collect()
+        step("vision precision")
+        precision = vision_precision.convert(bw.path(fp32_file), bw.path(vision_file), image_sets, vcfg, cfg.threads,
+                                             log=lambda msg: tqdm.write(msg, file=sys.stderr))
+        vision_check = {**vision_check, "precision": precision}
         src.load_llm()
         ref = ReferencePipeline(src)
         llm_shape = llm_shape_of(src)
         spec = VisionSpec(file=vision_file, input_name=vx.input_name, output_name=vx.output_name,
                           n_image_tokens=src.description["image_tokens"], n_embd=src.llm.config.hidden_size,
-                          shape=vision_shape)
+                          shape=vision_shape, precision=precision["precision"],
+                          built_for=vcfg.device if precision["precision"] == "fp16" else None)
         vision_rt = LazyVision(bw.path(vision_file), spec, src.preprocess, cfg.threads)
         ctx = ExportContext(cfg=cfg, src=src, bw=bw, ref_llm=ref.llm, image_embeds=image_embeds,
                             embed_image=vision_rt.embed, step=step, llm_config=src.llm.config,
@@ -229,7 +249,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
                 prompt=src.prompt,
                 edge_vlm_version=__version__,
                 validation={"backend_choice": why, "vision": vision_check, **llm_validation,
-                            **({"notes": ctx.notes} if ctx.notes else {})},
+                            **({"notes": ctx.notes} if ctx.notes else {}), "export_stages": stages.end()},
             )
         except ValidationError as e:  # a value the bundle's schema refuses (a name or template from the source)
             raise ExportError(f"the bundle's manifest would be invalid: {describe_errors(e)}; nothing was written. "
@@ -238,6 +258,33 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     bar.update(1)
     bar.close()
     return out
+
+
+class StageLog:
+    """Seconds and peak resident memory by the end of each export stage (the process's peak only grows, so
+    the stage where it jumps is the one that needs the memory); recorded in the manifest's validation."""
+
+    def __init__(self):
+        self.rows, self.t0 = [], None
+
+    def begin(self, name: str):
+        self._close()
+        self.rows.append({"stage": name})
+        self.t0 = time.perf_counter()
+
+    def _close(self):
+        if self.rows and "seconds" not in self.rows[-1]:
+            self.rows[-1].update(seconds=round(time.perf_counter() - self.t0, 1), peak_rss_mb=peak_rss_mb())
+
+    def end(self) -> list[dict]:
+        self._close()
+        return self.rows
+
+
+def peak_rss_mb() -> float:
+    from edge_vlm.bench.worker import peak_rss_mb as vm_hwm  # /proc's VmHWM: this program's own peak
+
+    return round(vm_hwm(), 1)
 
 
 def _sample_image():

@@ -67,7 +67,7 @@ def suggest(shape: ModelShape, device: Device, requested: Fit, options: list[Run
             if c.vision_on_cpu and not requested.choice.vision_on_cpu:
                 changes.append("--vision-device cpu (the vision model in host RAM)")
             if c.vision_precision != requested.choice.vision_precision:
-                changes.append(f"a {c.vision_precision} vision model")
+                changes.append(f"an {c.vision_precision} vision model (export --vision-precision {c.vision_precision})")
             return (f"does not fit: needs {requested.needed / GIB:.2f} GiB, {device.title} has "
                     f"{requested.usable / GIB:.2f} GiB usable. Choose {' and '.join(changes)}: "
                     f"{f.needed / GIB:.2f} GiB, {f.room / GIB:.2f} GiB to spare")

@@ -47,12 +47,19 @@ def device_table() -> tuple[list, str]:
     return rows, "\n".join(lines)
 
 
+def vision_precisions_for(device, vision_device: str) -> tuple[str, ...]:
+    """The vision precisions edge-vlm exports for where the vision model runs: int8 is a CPU format (onnxruntime's
+    CUDA provider has no integer kernels for it), fp16 saves memory only where it computes in fp16 (a GPU)."""
+    on_cpu = device.kind == "cpu" or (device.kind == "gpu" and vision_device == "cpu")
+    return ("fp32", "int8") if on_cpu else ("fp32", "fp16")
+
+
 def plan_rows(shape: ModelShape, device, a) -> tuple[list[Fit], list[RunChoice]]:
     if shape.bundle:
         b = shape.bundle
         bits = b["bits"] or 16
-        req = [RunChoice(b["backend"], bits, a.vision_precision if a.vision_precision != "fp32" else
-                         b["vision_precision"], a.context, a.images, vision_on_cpu=a.vision_device == "cpu")]
+        req = [RunChoice(b["backend"], bits, a.vision_precision or b["vision_precision"], a.context, a.images,
+                         vision_on_cpu=a.vision_device == "cpu")]
         options = candidates(shape, {bits: b["backend"]}, a.context, a.images)
         lower = {x: auto_backend(shape.llm.arch, x) for x in (8, 4) if x < bits}
         options += candidates(replace(shape, bundle={}), {k: v for k, v in lower.items() if v}, a.context, a.images)
@@ -73,11 +80,12 @@ def plan_rows(shape: ModelShape, device, a) -> tuple[list[Fit], list[RunChoice]]
     backends = {x: v for x, v in backends.items() if v and (v, x) in BLOCK_BITS}
     if not backends:
         raise BadInput(f"no backend takes {shape.name}'s {shape.llm.arch} LLM at {a.bits} bits")
-    req = [RunChoice(be, x, a.vision_precision, a.context, a.images, vision_on_cpu=a.vision_device == "cpu")
-           for x, be in backends.items()]
+    precisions = (a.vision_precision,) if a.vision_precision else vision_precisions_for(device, a.vision_device)
+    req = [RunChoice(be, x, vp, a.context, a.images, vision_on_cpu=a.vision_device == "cpu")
+           for x, be in backends.items() for vp in precisions]
     all_bits = {x: a.backend or auto_backend(shape.llm.arch, x) for x in (16, 8, 4)}
     options = candidates(shape, {k: v for k, v in all_bits.items() if v}, a.context, a.images,
-                         (a.vision_precision,) if a.vision_precision == "fp16" else ("fp32", "fp16"))
+                         vision_precisions_for(device, a.vision_device))
     return [fit(shape, device, c) for c in req], options
 
 
@@ -114,10 +122,11 @@ def plan_command(a) -> tuple[dict, str]:
         advice = suggest(shape, device, fits[0], options)
     else:
         c = best.choice
-        advice = (f"{fits[0].choice.backend} {fits[0].choice.bits}-bit does not fit (needs {fits[0].needed / GIB:.2f} GiB); "
-                  f"the most faithful that fits is {c.backend} {c.bits}-bit: {suggest(shape, device, best, options)}")
-    if "fp16 vision" in advice:
-        advice += " (edge-vlm exports the vision model in fp32 today: fp16 vision is a prediction, not an option yet)"
+        r = fits[0].choice
+        advice = (f"{r.backend} {r.bits}-bit with an {r.vision_precision} vision model does not fit (needs "
+                  f"{fits[0].needed / GIB:.2f} GiB); the most faithful that fits is {c.backend} {c.bits}-bit with an "
+                  f"{c.vision_precision} vision model (export --vision-precision {c.vision_precision}): "
+                  f"{suggest(shape, device, best, options)}")
     lines += ["", advice]
     out = {"model": shape.name, "device": device.__dict__ | {"usable_gib": round(device.usable_bytes / GIB, 2)},
            "context": a.context, "images": a.images, "llm": shape.llm.to_dict() | {"params": shape.llm.params},

@@ -35,8 +35,9 @@ BLOCK_BITS = {
     ("gguf", 4): 4.85,  # Q4_K_M: Q4_K (4.5 bpw) everywhere, Q6_K (6.56) for attn_v/ffn_down in ~half the layers
     ("gguf", 8): 8.5,  # Q8_0: 32 int8 + one fp16 scale per block of 32
     ("gguf", 16): 16.0,  # F16
-    # MatMulNBits block 32: 4 bits + fp32 scale + 4-bit zero point + hqq's fp32 zero-point correction per block
-    ("onnx", 4): 6.125,
+    # MatMulNBits block 32: 4 bits + fp32 scale + 4-bit zero point (5.125), and hqq's zero-point corrections as
+    # extra int4 columns, one per block padded to whole blocks (+4-6 % of the columns at widths 576-2560)
+    ("onnx", 4): 5.4,
     ("onnx", 8): 9.25,  # 8 bits + fp32 scale + 8-bit zero point per block of 32
     ("onnx", 16): 16.0,
     ("gptq", 4): 4.16,  # 4 bits + fp16 scale + 4-bit zero per group of 128
@@ -158,11 +159,20 @@ def llm_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
     return int(bits / 8)
 
 
+# Bytes per vision parameter as the runtime holds them (export/vision_precision.py). fp16: a CUDA graph keeps
+# fp16 weights on the GPU, a CPU bundle's fp16 weights are cast to fp32 once at load (half the file, not
+# half the memory). int8: the linear layers int8 with per-channel scales, the patch embedding, norms and
+# position embeddings fp32 (EVA ViT-g + Q-Former: almost every parameter is in a linear layer).
+VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.02}
+
+
 def vision_weight_bytes(shape: ModelShape, c: RunChoice) -> int:
-    v = shape.vision
-    if v.file_bytes and (not shape.bundle or shape.bundle.get("vision_precision") == c.vision_precision):
-        return int(v.file_bytes)
-    return int(v.params * (4 if c.vision_precision == "fp32" else 2))
+    v, b = shape.vision, shape.bundle or {}
+    fp16_on_cpu = c.vision_precision == "fp16" and not (c.on_gpu and not c.vision_on_cpu)
+    if v.file_bytes and (not shape.bundle or b.get("vision_precision") == c.vision_precision):
+        widen = c.vision_precision == "fp16" and (b.get("vision_built_for") != "cuda" or fp16_on_cpu)
+        return int(v.file_bytes * (2 if widen else 1))  # fp16 on a CPU: cast to fp32 at load
+    return int(v.params * (4.0 if fp16_on_cpu else VISION_BYTES[c.vision_precision]))
 
 
 def components(shape: ModelShape, c: RunChoice) -> list[Component]:

@@ -236,7 +236,7 @@ def from_bundle(bundle: Path) -> ModelShape:
     return ModelShape(m.source.name or Path(bundle).name, vision, llm, bundle={
         "backend": m.llm.backend, "bits": m.llm.quant.bits or gguf_bits(m.llm.quant.requested),
         "quant": m.llm.quant.model_dump(),
-        "vision_precision": m.vision.precision, "llm_weight_bytes": sum(weights.values()),
+        "vision_precision": m.vision.precision, "vision_built_for": m.vision.built_for, "llm_weight_bytes": sum(weights.values()),
         "onnx_dtype": m.llm.onnx_graph.dtype if m.llm.onnx_graph else None,
         "vision_bytes": sum(vision_files.values()), "files": {f: r.bytes for f, r in m.files.items()}})
 

@@ -92,6 +92,10 @@ class Pipeline:
         plan.notes.extend(notes)
         if config.vision_device == "cpu":
             plan.vision_providers = ["CPUExecutionProvider"]
+        if m.vision.built_for == "cuda" and "CUDAExecutionProvider" not in plan.vision_providers:
+            plan.notes.append("this bundle's vision model is an fp16 graph for CUDA; onnxruntime runs it on a CPU, "
+                              "more slowly than fp32. For a CPU, export with --device cpu --vision-precision "
+                              "fp16 (fp16 weights, fp32 compute) or int8")
         vision = VisionModel(bundle / m.vision.file, m.vision, m.preprocess, plan.vision_providers, config.threads)
         try:
             llm = runtime.open_session(bundle, m, config, plan)
