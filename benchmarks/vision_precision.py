@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--static", action="store_true", help="also measure static (QDQ) int8 activations")
     ap.add_argument("--work", default="/tmp/edge-vlm-vision-precision", help="scratch folder for the ONNX files")
+    ap.add_argument("--reuse", action="store_true", help="keep the fp32 export already in --work (same source)")
     a = ap.parse_args()
 
     import torch
@@ -101,12 +102,14 @@ def main():
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    fp32 = work / "vision.fp32.onnx"
+    if not (a.reuse and fp32.is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     src = load_source(a.source, defer_llm=True)
     t = time.perf_counter()
-    fp32 = work / "vision.fp32.onnx"
-    VisionOnnxExporter().export(src.vision, src.preprocess.image_size, fp32)
+    if not fp32.is_file():
+        VisionOnnxExporter().export(src.vision, src.preprocess.image_size, fp32)
     export_s = time.perf_counter() - t
     print(f"fp32 ONNX exported in {export_s:.0f} s", flush=True)
     cfg = vp.VisionPrecisionConfig("int8", "cpu")

@@ -84,3 +84,31 @@ def test_cuda_torch_backends_run(export_backend, shape_image, backend):
 def test_auto_uses_the_gpu():
     plan = device.resolve("auto")
     assert plan.llm_gpu_layers != 0 and "CUDAExecutionProvider" in plan.vision_providers and not plan.notes
+
+
+@needs_ort
+def test_cuda_bundle_vision_is_an_fp16_graph_computed_on_the_gpu(tmp_path, tiny_source, shape_image):
+    """--device cuda: the vision model defaults to auto = a true fp16 graph, run by the CUDA provider, whose
+    embeddings hold the fp16 floor against the fp32 vision model of a CPU bundle."""
+    import numpy as np
+    import onnx
+
+    from edge_vlm.export import vision_precision as vp
+    from edge_vlm.export.run import ExportConfig, run
+    from edge_vlm.manifest import load_manifest
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+
+    b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cuda"), backend="gguf", bits=8, device="cuda"),
+            progress=False)
+    ref = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cpu"), backend="gguf", bits=8, device="cpu"),
+              progress=False)
+    m = load_manifest(b)
+    assert m.vision.precision == "fp16" and m.vision.built_for == "cuda"
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(b / "vision.onnx")).graph.initializer)
+    with Pipeline.load(b, RuntimeConfig(device="cuda")) as p:
+        assert "CUDAExecutionProvider" in p.vision.providers
+        got = p.vision.embed(shape_image).astype(np.float64)
+    with Pipeline.load(ref, RuntimeConfig(device="cpu")) as p:
+        want = p.vision.embed(shape_image).astype(np.float64)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.mean() >= vp.FLOORS["fp16"][0] and cos.min() >= vp.FLOORS["fp16"][1]

@@ -10,9 +10,9 @@ A precision whose mean or minimum cosine is under its floor fails the export, na
         node that onnxruntime folds once at load, so a CPU computes in fp32 on fp16-rounded weights:
         half the file, the same speed and memory as fp32 (onnxruntime's CPU provider has no fast fp16
         kernels here; measured in benchmarks/vision_precision.py).
-  int8  every MatMul with a weight (linear layers: the ViT's and the connector's) gets int8 weights per
-        output channel and activations quantized per call (onnxruntime's DynamicQuantizeMatMul, integer
-        kernels). Convolutions (the ViT's patch embedding, the built-in model's EfficientNet), LayerNorms,
+  int8  every MatMul with a weight (linear layers: the ViT's and the connector's) gets uint8 weights per
+        output channel and uint8 activations quantized per call (onnxruntime's MatMulInteger; see
+        WEIGHT_FORMATS for why not int8 weights). Convolutions (the ViT's patch embedding, the built-in model's EfficientNet), LayerNorms,
         softmax and attention's activation-by-activation products stay fp32. The calibration images choose
         what else must stay fp32: when the int8 graph misses the floor on them, the connector goes back to
         fp32 before the export gives up. Static activation scales (QDQ) were measured too and lost
@@ -156,7 +156,8 @@ def _load(path: Path):
 def _save(model, path: Path) -> None:
     import onnx
 
-    big = model.ByteSize() > 1_800_000_000 if _all_inline(model) else True
+    # protobuf cannot serialize (or even size) a message over 2 GB: count the tensors' bytes instead
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1_500_000_000 or not _all_inline(model)
     for p in (path, path.with_name(path.name + ".data")):
         p.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
