@@ -62,7 +62,7 @@ def requant_note(source_quant: str | None, quant: str) -> str | None:
             "benchmarks/results/nano-easyvqa-accuracy.md)")
 
 
-COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision", "vision precision")
+COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision", "vision precision", "load LLM")
 
 VALIDATION_PROMPT = "Describe the image."
 
@@ -216,6 +216,7 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
         precision = vision_precision.convert(bw.path(fp32_file), bw.path(vision_file), image_sets, vcfg, cfg.threads,
                                              log=lambda msg: tqdm.write(msg, file=sys.stderr))
         vision_check = {**vision_check, "precision": precision}
+        step("load LLM")
         src.load_llm()
         ref = ReferencePipeline(src)
         llm_shape = llm_shape_of(src)
