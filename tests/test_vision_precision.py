@@ -121,15 +121,18 @@ def test_a_broken_int8_model_is_refused_with_the_images_named(tiny_source, tmp_p
     from onnx import numpy_helper
 
     real = vp.int8_dynamic
+    broken_tensors = []
 
     def broken(src, dst, keep=()):
         record = real(src, dst, keep)
         model = onnx.load(str(dst))
         for t in model.graph.initializer:
-            if t.data_type == onnx.TensorProto.INT8:
+            if t.name.endswith("_quantized"):  # the 8-bit weights (uint8 or int8, whichever the exporter wrote)
                 w = numpy_helper.to_array(t)
-                noise = np.random.default_rng(0).integers(-127, 128, w.shape).astype(np.int8)
+                info = np.iinfo(w.dtype)
+                noise = np.random.default_rng(0).integers(info.min, info.max + 1, w.shape).astype(w.dtype)
                 t.CopyFrom(numpy_helper.from_array(noise, t.name))
+                broken_tensors.append(t.name)
         onnx.save(model, str(dst))
         return record
 
@@ -138,6 +141,7 @@ def test_a_broken_int8_model_is_refused_with_the_images_named(tiny_source, tmp_p
         run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), backend="gguf", bits=8,
                          vision_precision="int8"), progress=False)
     msg = str(e.value)
+    assert broken_tensors
     assert "int8 vision model misses its floor" in msg and "scene 1000" in msg or "sample image" in msg, msg
     assert not (tmp_path / "b").exists()
 
@@ -177,3 +181,12 @@ def test_planner_reads_the_bundles_vision_precision(exported):
         vision = next(c.bytes for c in f.components if c.name == "vision weights")
         files = sum(p.stat().st_size for p in b.glob("vision.onnx*"))
         assert vision == files * widen
+
+
+def test_auto_without_calibration_images_skips_int8(tiny_source, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "b"), backend="gguf", bits=8, device="cpu",
+                         vision_precision="auto", vision_calibration=str(empty)), progress=False)
+    rec = json.loads((b / "manifest.json").read_text())["validation"]["vision"]["precision"]
+    assert load_manifest(b).vision.precision == "fp16" and "no calibration images" in rec["tried"]["int8"]["skipped"]

@@ -92,7 +92,8 @@ def quantize(w: np.ndarray, bits: int, block: int, method: str = "rtn") -> Quant
 
 def fold_correction(qm: QuantizedMatrix) -> QuantizedMatrix:
     """The same projection over K' = K + extra columns that hold -correction, quantized to the matrix's own
-    bits (rtn; a correction is at most half a step, so its rounding error is a few percent of that):
+    bits (rtn; a correction is usually at most half a step, more where HQQ's zero point fell outside the
+    integer range and was clipped; the LLM's agreement check covers the result):
     x @ W^T = [x, blocksum(x), 0...] @ W'^T. The block sums are padded with zeros to whole blocks;
     `correction_columns(qm)` says how many columns the graph must append."""
     assert qm.correction is not None and qm.k % qm.block == 0, "only a block-aligned hqq matrix has a correction"

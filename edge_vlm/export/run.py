@@ -174,8 +174,8 @@ def run(cfg: ExportConfig, progress: bool = True) -> Path:
     vcfg = VisionPrecisionConfig(cfg.vision_precision, "cuda" if _for_cuda(cfg.device) else "cpu",
                                  cfg.vision_calibration)
     vcfg.check()
-    if vcfg.needs_calibration():
-        calibration_images(vcfg.calibration, required=True)  # no images: fail before any work
+    if vcfg.precision == "int8":
+        calibration_images(vcfg.calibration, required=True)  # no images: fail before any work (auto skips int8)
     source_root, _ = describe_source(cfg.source, cfg.upstream)  # a missing source fails before any work
     bar = tqdm(total=len(COMMON_STAGES) + 1, desc="export", unit="stage", disable=not progress)
     begun = []

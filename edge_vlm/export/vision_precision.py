@@ -64,7 +64,8 @@ class VisionPrecisionConfig:
             raise BadInput(f"--vision-precision {self.precision!r}: use one of {', '.join(CHOICES)}")
         if self.precision == "int8" and self.device == "cuda":
             raise BadInput("--vision-precision int8 is a CPU format (onnxruntime's CUDA provider runs its integer "
-                           "matmuls on the CPU): use fp16 with --device cuda, or auto")
+                           "matmuls on the CPU) and this bundle is for CUDA (--device cuda, or auto on a machine "
+                           "with onnxruntime-gpu): use fp16 or auto, or export with --device cpu")
 
     def candidates(self) -> tuple[str, ...]:
         return AUTO_ORDER[self.device] if self.precision == "auto" else (self.precision,)
@@ -115,7 +116,7 @@ def image_sets(vision, pre, sample_image, cfg: VisionPrecisionConfig) -> ImageSe
     sets = ImageSets()
     if cfg.precision == "fp32":
         return sets
-    cal = calibration_images(cfg.calibration, cfg.needs_calibration()) if cfg.needs_calibration() else []
+    cal = calibration_images(cfg.calibration, cfg.precision == "int8") if cfg.needs_calibration() else []
     cal = [(f"calibration {i}", im) for i, im in enumerate(cal)]
     cal += [(f"scene {s}", scene(s)) for s in range(N_CALIBRATION - len(cal))] if cal else []
     held = [("sample image", sample_image)] + [(f"scene {HELD_OUT_SEED + i}", scene(HELD_OUT_SEED + i))
@@ -124,13 +125,13 @@ def image_sets(vision, pre, sample_image, cfg: VisionPrecisionConfig) -> ImageSe
     return sets
 
 
-def cosines(path: Path, images: list, threads: int) -> dict[str, float]:
+def cosines(path: Path, images: list, threads: int, providers=("CPUExecutionProvider",)) -> dict[str, float]:
     """Mean cosine over image tokens of the ONNX file's embeddings against torch's, per image."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = threads, 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), so, providers=list(providers))
     name = sess.get_inputs()[0].name
     out = {}
     for label, px, want in images:
@@ -289,31 +290,46 @@ def convert(fp32: Path, dst: Path, sets: ImageSets, cfg: VisionPrecisionConfig, 
             if fp32 != dst:
                 _move(fp32, dst)
             return {"precision": "fp32", "requested": cfg.precision, **({"tried": tried} if tried else {})}
-        record, held = _attempt(fp32, dst, precision, sets, cfg, threads, log)
+        if precision == "int8" and not sets.calibration:  # auto without calibration images (checked for int8)
+            tried["int8"] = {"skipped": "no calibration images (--vision-calibration DIR)"}
+            log("vision int8 skipped: no calibration images; trying the next precision")
+            continue
+        try:
+            record, held = _attempt(fp32, dst, precision, sets, cfg, threads, log)
+        except Exception as e:  # a converter or onnxruntime failing on an unusual graph
+            _remove(dst)
+            if cfg.precision != "auto":
+                raise ExportError(f"the {precision} vision model could not be made ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing was written. Use "
+                                  "--vision-precision fp32 (or auto, which falls back)") from e
+            tried[precision] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            log(f"vision {precision} could not be made ({type(e).__name__}); trying the next precision")
+            continue
         floor_mean, floor_min = FLOORS[precision]
         s = summary(held)
-        ok = s["mean"] >= floor_mean and s["min"] >= floor_min
-        if ok:
+        mean, low = float(np.mean(list(held.values()))), min(held.values())  # unrounded, against the floors
+        if mean >= floor_mean and low >= floor_min:
             _remove(fp32)
             return {"precision": precision, "requested": cfg.precision, **record, "cosine_vs_torch_fp32": s,
                     "floor": {"mean": floor_mean, "min": floor_min}, **({"tried": tried} if tried else {})}
-        tried[precision] = {**s, "below_floor": sorted((k for k, v in held.items() if v < floor_min or
-                                                        v < floor_mean), key=held.get)[:5]}
+        under = sorted((k for k, v in held.items() if v < floor_min), key=held.get)
+        tried[precision] = {**s, "under_min_floor": under[:5]}
         _remove(dst)
         if cfg.precision != "auto":
             worst = ", ".join(f"{k} {held[k]:.5f}" for k in sorted(held, key=held.get)[:4])
             raise ExportError(f"the {precision} vision model misses its floor against torch fp32 on held-out images: "
-                              f"cosine mean {s['mean']:.5f} (floor {floor_mean}), min {s['min']:.5f} (floor "
-                              f"{floor_min}); worst: {worst}. Nothing was written. Use --vision-precision fp32 "
-                              "(or auto, which falls back)")
-        log(f"vision {precision}: cosine mean {s['mean']:.5f} / min {s['min']:.5f} misses its floor; trying the next")
+                              f"cosine mean {mean:.5f} (floor {floor_mean}), min {low:.5f} (floor {floor_min}); "
+                              f"lowest: {worst}. Nothing was written. Use --vision-precision fp32 (or auto, which "
+                              "falls back)")
+        log(f"vision {precision}: cosine mean {mean:.5f} / min {low:.5f} misses its floor; trying the next")
     raise AssertionError("auto always ends with fp32")
 
 
 def _attempt(fp32: Path, dst: Path, precision: str, sets: ImageSets, cfg, threads: int, log):
     if precision == "fp16":
         record = (fp16_graph if cfg.device == "cuda" else fp16_cast_at_load)(fp32, dst)
-        return record, cosines(dst, sets.held_out, threads) if cfg.device == "cpu" else _fp16_cosines(dst, sets, threads)
+        return record, (cosines(dst, sets.held_out, threads) if cfg.device == "cpu"
+                        else _fp16_cosines(dst, sets, threads, record))
     record = int8_dynamic(fp32, dst)
     cal = cosines(dst, sets.calibration, threads)
     in_encoder = [n for n, outside in weighted_matmuls(fp32).items() if not outside]
@@ -327,10 +343,16 @@ def _attempt(fp32: Path, dst: Path, precision: str, sets: ImageSets, cfg, thread
     return record, cosines(dst, sets.held_out, threads)
 
 
-def _fp16_cosines(path: Path, sets: ImageSets, threads: int) -> dict:
-    """A true fp16 graph checked on the CPU provider (onnxruntime runs fp16 ops on a CPU, slowly, with the
-    same rounding to fp16 between ops that the CUDA provider has)."""
-    return cosines(path, sets.held_out, threads)
+def _fp16_cosines(path: Path, sets: ImageSets, threads: int, record: dict) -> dict:
+    """A true fp16 graph, checked where it will run when this machine has CUDA; on a CPU provider the values
+    are rounded to fp16 between ops but each op computes in fp32, so CUDA's fp16 arithmetic is not exercised
+    (recorded as `checked_on`)."""
+    from edge_vlm.runtime.device import ort_has_cuda
+
+    on_gpu = ort_has_cuda()
+    record["checked_on"] = "cuda" if on_gpu else "cpu (fp16 between ops; CUDA's fp16 arithmetic not exercised)"
+    return cosines(path, sets.held_out, threads,
+                   ("CUDAExecutionProvider", "CPUExecutionProvider") if on_gpu else ("CPUExecutionProvider",))
 
 
 def _move(src: Path, dst: Path) -> None:

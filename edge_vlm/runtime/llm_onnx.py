@@ -43,6 +43,8 @@ class OnnxDecoderSession:
             self.dtype = np.float16 if ins["inputs_embeds"].type == "tensor(float16)" else np.float32
             vocab = self.sess.get_outputs()[0].shape[-1]  # the fused graph's logits are [1, vocab]
             self.n_vocab = vocab if isinstance(vocab, int) else None
+            if self.fused and self.n_vocab is None:
+                raise ValueError("logits without a vocabulary size")
         except (KeyError, IndexError, ValueError, TypeError):
             raise BundleError(f"{path} lacks the inputs of an edge-vlm ONNX decoder (inputs_embeds [1, n, width], "
                               "past*.key/value [1, kv_heads, past, head_dim]): export the bundle again") from None
@@ -113,7 +115,7 @@ class OnnxDecoderSession:
         if total > self.n_ctx:
             raise ContextOverflow(total, self.n_ctx)
         x = np.ascontiguousarray(embeds[None], dtype=self.dtype)
-        if self.fused and self.n_vocab:
+        if self.fused:
             if total > self.capacity:  # CPU: grow by doubling (a copy only log2(n_ctx) times)
                 self.capacity = min(self.n_ctx, max(total, 2 * self.capacity))
                 self.past = self._cache(self.capacity, self.n_past)
