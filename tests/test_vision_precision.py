@@ -81,7 +81,9 @@ def cosine_vs_torch(bundle, source) -> list[float]:
 
 
 @pytest.mark.parametrize("source,precision", [("tiny", "fp16"), ("tiny", "int8"), ("minigpt4-7b", "int8"),
-                                              ("minigpt4-7b", "fp16"), ("minigpt-v2", "int8")])
+                                              ("minigpt4-7b", "fp16"),
+                                              # the concat family's 448 px ViT: in `make test-slow` (CI time)
+                                              pytest.param("minigpt-v2", "int8", marks=pytest.mark.slow)])
 def test_each_precision_exports_validates_and_runs(exported, tiny_source, mini_source, shape_image, source,
                                                    precision):
     b = exported(source, precision)
