@@ -38,7 +38,6 @@ AUTO_ORDER = {"cpu": ("int8", "fp16", "fp32"), "cuda": ("fp16", "fp32")}
 N_HELD_OUT = 8  # synthetic scenes (scenes.py) with seeds no calibration uses, + the export's sample image
 N_CALIBRATION = 16  # calibration images used (the folder's first ones, then synthetic scenes)
 HELD_OUT_SEED = 10_000
-FP16_MIN_ELEMENTS = 1024  # smaller initializers (norm weights, biases) stay fp32 in the fp16 file
 ENCODER_MODULES = ("vit", "encoder")  # top-level submodules of the vision stacks that are the encoder
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration_data" / "easy-vqa-sample"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -173,25 +172,12 @@ def _all_inline(model) -> bool:
 
 def fp16_cast_at_load(src: Path, dst: Path) -> dict:
     """fp16 weights in the file, each read through a Cast to fp32 (folded by onnxruntime at load)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from edge_vlm.export.llm_onnx import weights_to_fp16
 
-    model = _load(src)
-    g = model.graph
-    casts, kept = [], []
-    for t in g.initializer:
-        if t.data_type == TensorProto.FLOAT and np.prod(t.dims, dtype=np.int64) >= FP16_MIN_ELEMENTS:
-            half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".fp16")
-            kept.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [t.name], to=TensorProto.FLOAT, name=t.name + ".cast"))
-        else:
-            kept.append(t)
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    nodes = casts + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
+    model = weights_to_fp16(_load(src))
     _save(model, dst)
-    return {"method": "fp16 weights, cast to fp32 at load (CPU)", "fp16_tensors": len(casts)}
+    return {"method": "fp16 weights, cast to fp32 at load (CPU)",
+            "fp16_tensors": sum(n.op_type == "Cast" and n.name.endswith(".cast") for n in model.graph.node)}
 
 
 def fp16_graph(src: Path, dst: Path) -> dict:
