@@ -159,6 +159,13 @@ def test_bad_values_are_clear_errors(tiny_source, tmp_path, capsys):
                  "-o", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and "needs calibration images" in err and "has none" in err and not (tmp_path / "b").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = main(["export", str(tiny_source), "--vision-precision", "int8", "--vision-calibration", str(bad),
+                 "-o", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code != 0 and "a.png" in err and "Traceback" not in err and not (tmp_path / "e").exists()
     code = main(["export", str(tiny_source), "--vision-precision", "int8", "--device", "cuda", "-o", str(tmp_path / "c")])
     assert code == 2 and "CPU format" in capsys.readouterr().err
     recipe = tmp_path / "r.toml"
