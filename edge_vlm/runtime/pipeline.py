@@ -34,6 +34,7 @@ class RuntimeConfig:
     # same: the vision model runs where --device says; cpu: always on the CPU, so that an 8 GB GPU
     # holds only the LLM (EVA ViT-g in fp32 is 4.4 GB; it runs once per image)
     vision_device: str = "same"
+    parallel: int = 1  # sequences one LLM context decodes together (gguf; the server's --parallel)
 
     def __post_init__(self):  # every flag checked before anything loads
         for name, value, allowed in (("device", self.device, ("auto", "cpu", "cuda")),
@@ -43,6 +44,8 @@ class RuntimeConfig:
                 raise BadInput(f"{name} {value!r}: use one of {', '.join(allowed)}")
         limits.n_ctx(self.n_ctx)
         limits.threads(self.threads)
+        if not isinstance(self.parallel, int) or isinstance(self.parallel, bool) or not 1 <= self.parallel <= 256:
+            raise BadInput(f"parallel {self.parallel!r}: give a number of sequences from 1 to 256")
 
     def for_model(self, manifest) -> tuple["RuntimeConfig", list[str]]:
         """The config with the model's limits applied: a context that holds the image and fits the

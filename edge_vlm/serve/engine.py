@@ -1,0 +1,263 @@
+"""One thread owns the model; requests queue for a slot and stream their tokens back.
+
+gguf bundles: continuous batching. Up to --parallel requests hold a slot each (one llama.cpp
+sequence, its own KV stream); every step decodes one token for all of them in one llama_decode,
+so they share each read of the weights. A new request is prefilled (text tokens and its image's
+embeddings, for its own sequence only) between two steps. Other backends take one request at a
+time (capacity 1). The vision model runs on the same thread, so the server never uses more cores
+than --threads, and image embeddings are cached by the image's sha256.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_vlm.errors import EdgeVLMError
+from edge_vlm.runtime.generate import CLEANUP_HOLD, _StopText
+from edge_vlm.runtime.sampling import Sampler, SamplingConfig
+from edge_vlm.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    """One chat completion: what to evaluate, how to sample, and where its events go."""
+
+    pre_ids: list[int]
+    post_ids: list[int]
+    image: object | None  # decoded image (None: text only)
+    image_key: str | None  # sha256 of the encoded image: the embedding cache's key
+    n_image_tokens: int
+    sampling: SamplingConfig
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    # the engine's state
+    slot: int = -1
+    pos: int = 0
+    last: int = -1
+    out: list[int] = field(default_factory=list)
+    first_token: float | None = None
+    sampler: Sampler | None = None
+    stopper: _StopText | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.pre_ids) + (self.n_image_tokens if self.image is not None else 0) + len(self.post_ids)
+
+    def emit(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class GgufSlots:
+    """Slots = sequences of one llama.cpp context."""
+
+    batched = True
+
+    def __init__(self, llm, n: int):
+        self.llm, self.capacity = llm, n
+
+    def start(self, slot: int, pre, embeds, post) -> tuple[np.ndarray, int]:
+        llm, pos = self.llm, 0
+        llm.seq_clear(slot)
+        for kind, items in (("ids", pre), ("emb", embeds), ("ids", post)):
+            if items is not None and len(items):
+                llm.seq_feed(slot, pos, **({"ids": items} if kind == "ids" else {"embeds": items}))
+                pos += len(items)
+        return llm.logits(), pos
+
+    def step(self, steps: list[tuple[int, int, int]]) -> np.ndarray:
+        return self.llm.seq_step(steps)
+
+    def free(self, slot: int) -> None:
+        self.llm.seq_clear(slot)
+
+
+class SerialSlots:
+    """Any LLMSession (onnx, gptq, bnb): one sequence, so one request at a time."""
+
+    batched = False
+    capacity = 1
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def start(self, slot, pre, embeds, post) -> tuple[np.ndarray, int]:
+        llm = self.llm
+        llm.reset()
+        if pre:
+            llm.eval_tokens(pre)
+        if embeds is not None and len(embeds):
+            llm.eval_embeds(np.ascontiguousarray(embeds))
+        if post:
+            llm.eval_tokens(post)
+        return llm.logits(), len(pre) + (0 if embeds is None else len(embeds)) + len(post)
+
+    def step(self, steps) -> np.ndarray:
+        (_, _, tok), = steps
+        self.llm.eval_tokens([tok])
+        return self.llm.logits()[None]
+
+    def free(self, slot) -> None:
+        pass
+
+
+class Engine:
+    def __init__(self, pipeline, parallel: int, max_queue: int, image_cache: int, metrics: Metrics):
+        llm = pipeline.llm
+        self.pipeline, self.llm, self.metrics = pipeline, llm, metrics
+        self.slots = GgufSlots(llm, parallel) if hasattr(llm, "seq_step") else SerialSlots(llm)
+        self.max_queue = max_queue
+        self.cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.cache_size = image_cache
+        self.hold = CLEANUP_HOLD if getattr(llm, "clean_up_spaces", False) else 0
+        self.pending: collections.deque[Job] = collections.deque()
+        self.active: dict[int, Job] = {}
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="edge-vlm-engine", daemon=True)
+
+    # --- the HTTP side ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if len(self.pending) >= self.max_queue and len(self.active) >= self.slots.capacity:
+                raise QueueFull
+            self.pending.append(job)
+            self.metrics.queue_depth = len(self.pending)
+            self.cv.notify()
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return self.llm.tokenize(text, add_bos)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx
+
+    # --- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not self.pending and not self.active:
+                    self.cv.wait()
+                if self.stopping:
+                    break
+            self._admit()
+            if self.active:
+                self._step()
+        for job in list(self.active.values()) + list(self.pending):
+            job.emit("error", EdgeVLMError("the server is shutting down"))
+
+    def _admit(self) -> None:
+        while True:
+            with self.cv:
+                free = [s for s in range(self.slots.capacity) if s not in self.active]
+                if not free or not self.pending:
+                    return
+                job = self.pending.popleft()
+                self.metrics.queue_depth = len(self.pending)
+            if job.cancelled:
+                self.metrics.outcome("cancelled")
+                continue
+            job.slot = free[0]
+            try:
+                embeds = self._embed(job)
+                logits, job.pos = self.slots.start(job.slot, job.pre_ids, embeds, job.post_ids)
+            except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+                self.slots.free(job.slot)
+                job.emit("error", e)
+                continue
+            job.sampler = Sampler(job.sampling)
+            job.stopper = _StopText(job.stops, hold=self.hold)
+            self.active[job.slot] = job
+            self.metrics.active = len(self.active)
+            job.emit("started")
+            self._advance(job, logits)
+
+    def _embed(self, job: Job) -> np.ndarray | None:
+        if job.image is None:
+            return None
+        emb = self.cache.get(job.image_key) if self.cache_size else None
+        self.metrics.cache(emb is not None)
+        if emb is None:
+            emb = self.pipeline.vision.embed(job.image)
+            if self.cache_size:
+                self.cache[job.image_key] = emb
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(job.image_key)
+        return emb
+
+    def _step(self) -> None:
+        for job in [j for j in self.active.values() if j.cancelled]:
+            self._finish(job, None)
+        if not self.active:
+            return
+        jobs = list(self.active.values())
+        try:
+            logits = self.slots.step([(j.slot, j.pos, j.last) for j in jobs])
+        except Exception as e:  # noqa: BLE001 - a failed decode fails its requests, not the server
+            for j in jobs:
+                self._finish(j, None)
+                j.emit("error", e)
+            return
+        for j, lg in zip(jobs, logits):
+            j.pos += 1
+            self._advance(j, lg)
+
+    def _advance(self, job: Job, logits: np.ndarray) -> None:
+        """Sample the next token of `job`, stream its text, and finish the job when it is done."""
+        tok = job.sampler(logits)
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+        if self.llm.is_eog(tok):
+            return self._finish(job, "stop")
+        job.out.append(tok)
+        piece = job.stopper.feed(self.llm.detokenize(job.out))
+        if piece:
+            job.emit("text", piece)
+        if job.stopper.stopped:
+            return self._finish(job, "stop")
+        if len(job.out) >= job.sampling.max_tokens:
+            return self._finish(job, "length")
+        job.last = tok
+
+    def _finish(self, job: Job, reason: str | None) -> None:
+        """reason: "stop" or "length"; None = cancelled (the client left) or failed."""
+        self.active.pop(job.slot, None)
+        self.slots.free(job.slot)
+        self.metrics.active = len(self.active)
+        now = time.perf_counter()
+        if reason is None:
+            if job.cancelled:
+                self.metrics.outcome("cancelled")
+            return
+        tail = job.stopper.feed(self.llm.detokenize(job.out), final=True) if job.out else ""
+        if tail:
+            job.emit("text", tail)
+        self.metrics.finished(job.prompt_tokens, len(job.out),
+                              None if job.first_token is None else job.first_token - job.arrived, now - job.arrived)
+        job.emit("done", {"finish_reason": reason, "prompt_tokens": job.prompt_tokens,
+                          "completion_tokens": len(job.out)})
