@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=_int_in(1, 256), default=4,
                    help="gguf: requests decoded together in one llama.cpp context (continuous batching; each "
                         "holds --n-ctx positions of KV cache). Other backends answer one at a time (default 4)")
-    p.add_argument("--max-queue", type=_int_in(0, 1_000_000), default=64,
-                   help="requests that may wait for a slot; beyond that 429 (default 64)")
+    p.add_argument("--max-queue", type=_int_in(0, 1_000_000), default=256,
+                   help="requests that may wait for a slot (each holds its preprocessed image); beyond that 429 "
+                        "(default 256)")
     p.add_argument("--max-tokens", type=POSITIVE, default=256,
                    help="answer length when a request names no max_tokens (default 256, or what the context holds)")
     p.add_argument("--temperature", type=_float_in(0, 2), default=0.0,

@@ -19,10 +19,8 @@ def test_committed_projection_matches_the_model():
 
 
 @pytest.fixture(scope="module")
-def default_bundle(tmp_path_factory):
-    from edge_vlm.export.run import ExportConfig, run
-
-    return run(ExportConfig(out=str(tmp_path_factory.mktemp("b") / "nano-q4"), bits=4), progress=False)
+def default_bundle(nano_q4):
+    return nano_q4  # the session's default 4-bit export (conftest), shared with the server tests
 
 
 def test_default_pipeline_answers_known_questions(default_bundle):

@@ -329,3 +329,21 @@ def test_serve_refuses_bad_flags_and_bundles_in_one_line(tmp_path):
         assert "Traceback" not in p.stderr and needle in p.stderr.lower(), p.stderr
 
 
+
+
+def test_other_backends_answer_one_request_at_a_time(export_backend, shape_image):
+    """An onnx bundle has one sequence: /v1/models says "serial", and concurrent clients all get their
+    answers (queued), the same as when they come one by one."""
+    bundle = export_backend("onnx", 8)
+    with live_server(bundle, "--model-name", "tiny") as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        card = c.models.list().data[0].model_extra["edge_vlm"]
+        assert card["batching"] == "serial" and card["parallel"] == 1
+        reqs = [ask(q, shape_image.read_bytes()) for q in ("what is it?", "describe it", "colour?", "shape?")]
+
+        def one(msgs):
+            return c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6).choices[0].message.content
+
+        alone = [one(m) for m in reqs]
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            assert list(pool.map(one, reqs)) == alone

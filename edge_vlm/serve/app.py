@@ -230,6 +230,11 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
         except BadInput as e:
             raise from_edge_error(e) from None
         key, image = r.image if r.image is not None else (None, None)
+        if image is not None:  # queued requests hold the model's input (KBs), not a decoded photo (MBs)
+            try:
+                image = server.pipeline.vision.pixels(image)
+            except BadInput as e:
+                raise from_edge_error(e) from None
         return {"pre_ids": pre, "post_ids": post, "image": image, "image_key": key, "n_image_tokens": n_img,
                 "sampling": sampling, "stops": stops}
 

@@ -14,7 +14,7 @@ class ServeConfig:
     port: int = 8080
     api_key: str | None = None  # clients send "Authorization: Bearer KEY" to /v1/*
     parallel: int = 4  # sequences decoded together (gguf); other backends answer one request at a time
-    max_queue: int = 64  # requests waiting for a slot; one more is refused with 429
+    max_queue: int = 256  # requests waiting for a slot; one more is refused with 429
     threads: int = 0  # 0 = every core; shared by the vision model and the LLM, never more than the cores
     n_ctx: int | None = None  # positions per sequence (default 2048, or the model's trained context if smaller)
     device: str = "auto"

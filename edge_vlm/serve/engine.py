@@ -33,7 +33,7 @@ class Job:
 
     pre_ids: list[int]
     post_ids: list[int]
-    image: object | None  # decoded image (None: text only)
+    image: np.ndarray | None  # the vision model's input, [1, 3, S, S] (None: text only)
     image_key: str | None  # sha256 of the encoded image: the embedding cache's key
     n_image_tokens: int
     sampling: SamplingConfig
@@ -201,7 +201,7 @@ class Engine:
         emb = self.cache.get(job.image_key) if self.cache_size else None
         self.metrics.cache(emb is not None)
         if emb is None:
-            emb = self.pipeline.vision.embed(job.image)
+            emb = self.pipeline.vision.embed_pixels(job.image)[0]
             if self.cache_size:
                 self.cache[job.image_key] = emb
                 while len(self.cache) > self.cache_size:
