@@ -181,6 +181,21 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     assert metric(server, 'edge_vlm_requests_total{outcome="cancelled"}') == before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(server):
+    before = metric(server, 'edge_vlm_requests_total{outcome="cancelled"}')
+    body = {"model": "nano", "messages": [{"role": "user", "content": "Write a long story about a robot."}],
+            "max_tokens": 1500, "temperature": 1.5, "seed": 1}
+    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(OSError):  # the client's timeout: it closes the connection
+        urllib.request.urlopen(req, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while metric(server, 'edge_vlm_requests_total{outcome="cancelled"}') == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, 'edge_vlm_requests_total{outcome="cancelled"}') == before + 1
+    assert metric(server, "edge_vlm_active_requests") == 0
+
+
 def test_the_image_embedding_cache_skips_the_vision_model(server, client):
     png = shape_png("triangle", (0, 128, 128), size=80)  # an image no other test sends
     hits, misses = (metric(server, "edge_vlm_image_cache_hits_total"),

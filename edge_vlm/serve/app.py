@@ -291,14 +291,19 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
 
     async def _complete(job: Job, rid: str, request: Request):
         pieces = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    kind = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may arrive faster than the poll
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled = True
                         return JSONResponse({}, status_code=499)
+                if kind is None:
                     continue
                 if kind == "text":
                     pieces.append(value)
