@@ -132,6 +132,18 @@ def test_streaming_with_the_openai_client_matches_non_streaming(client):
     assert "".join(pieces) == whole and whole
 
 
+def test_stop_strings_and_seeds(client):
+    png, question = by_answer("rectangle")
+    r = client.chat.completions.create(model="nano", messages=ask(question, png), max_tokens=8, stop=["tangle"])
+    assert r.choices[0].message.content == "rec" and r.choices[0].finish_reason == "stop"
+    story = [{"role": "user", "content": "Tell me a story."}]
+    runs = [client.chat.completions.create(model="nano", messages=story, max_tokens=12, temperature=1.0, seed=s)
+            .choices[0].message.content for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    r = client.chat.completions.create(model="nano", messages=story, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
 def test_multi_turn_puts_the_image_in_its_turn(client):
     png, question = by_answer("rectangle")
     first = ask(question, png)

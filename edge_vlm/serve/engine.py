@@ -163,9 +163,19 @@ class Engine:
                     self.cv.wait()
                 if self.stopping:
                     break
-            self._admit()
-            if self.active:
-                self._step()
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug must fail its requests, never hang them all
+                for job in list(self.active.values()):
+                    self.active.pop(job.slot, None)
+                    job.emit("error", e)
+                    try:
+                        self.slots.free(job.slot)
+                    except Exception:  # noqa: BLE001
+                        pass
+                self.metrics.active = 0
         for job in list(self.active.values()) + list(self.pending):
             job.emit("error", EdgeVLMError("the server is shutting down"))
 
