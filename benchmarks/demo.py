@@ -14,19 +14,28 @@ def main():
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--limit", type=int, default=200)
     a = ap.parse_args()
+    from edge_vlm.logs import quiet_third_party_logs
 
-    from edge_vlm.data import load_questions
+    quiet_third_party_logs()  # as the CLI does: our output only (EDGE_VLM_VERBOSE=1 keeps the rest)
+
+    from edge_vlm.data import load_questions, normalize_answer
     from edge_vlm.eval import EvalConfig, evaluate
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
 
-    qs = load_questions("easy-vqa", "test", limit=3)
+    # a few questions of each kind, in the test split's fixed order: shown right or wrong, as they come
+    pool = load_questions("easy-vqa", "test", limit=60)
+    kinds = {"shape": lambda q: q.answer in ("circle", "rectangle", "triangle"),
+             "colour": lambda q: q.text.startswith("what") and q.answer not in ("circle", "rectangle", "triangle"),
+             "yes/no": lambda q: q.answer in ("yes", "no")}
+    qs = [q for test in kinds.values() for q in [q for q in pool if test(q)][:2]]
     with Pipeline.load(a.bundle, RuntimeConfig(device="auto")) as p:
         for note in p.device.notes:
             print(note)
         for q in qs:
             print(f"\nimage {q.image}\nQ: {q.text}\nA: ", end="", flush=True)
             r = p.answer(q.image, q.text, on_piece=lambda s: print(s, end="", flush=True))
-            print(f"   (expected: {q.answer}; first token after {r.timings_ms['ttft_ms']:.0f} ms)")
+            mark = "right" if normalize_answer(r.text) == q.answer else "WRONG"
+            print(f"   [{mark}: expected {q.answer!r}; first token after {r.timings_ms['ttft_ms']:.0f} ms]")
     print(f"\nscoring on the first {a.limit} questions of easy-VQA test (fixed seeded order)...")
     rows = []
     for target in ("nano", a.bundle):

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_vlm import __version__
 
     ap.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
+    ap.add_argument("--verbose", dest="all_logs", action="store_true",
+                    help="keep dependencies' warnings, logs and progress bars (same as EDGE_VLM_VERBOSE=1)")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("export", help="source model -> bundle (vision ONNX + quantized LLM + manifest)",
@@ -699,6 +701,8 @@ def main(argv=None) -> int:
 
     from edge_vlm.logs import quiet_third_party_logs
 
+    if a.all_logs:
+        os.environ["EDGE_VLM_VERBOSE"] = "1"
     quiet_third_party_logs()
     try:
         COMMANDS[a.cmd](a)

