@@ -91,7 +91,7 @@ def shape_image(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def nano_q4(tmp_path_factory) -> Path:
-    """The built-in model's default 4-bit bundle (gguf Q4_K_M), exported once per session."""
+    """The built-in model's default 4-bit bundle (gguf, the 4-bit type its probe picks), exported once per session."""
     from edge_vlm.export.run import ExportConfig, run
 
     return run(ExportConfig(out=str(tmp_path_factory.mktemp("nano") / "nano-q4"), bits=4), progress=False)

@@ -385,3 +385,22 @@ def test_hqq_zero_point_split_is_exact_and_on_the_fast_path():
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
            for m in (hqq, fast)]
     assert np.abs(run[0] - run[1]).max() < 1e-4 * max(1.0, np.abs(run[0]).max())
+
+
+# ---- gguf: --bits 4 chooses its type by measurement ----------------------------------------------
+
+def test_bits_4_probes_the_4bit_types_and_keeps_the_closest(export_backend):
+    from edge_vlm.export.llm_gguf import PROBE_CANDIDATES
+
+    m = load_manifest(export_backend("gguf", 4))
+    probe = m.llm.quant.model_extra["probe"]
+    assert set(probe["scores"]) == set(PROBE_CANDIDATES[4]) and all(v >= 0 for v in probe["scores"].values())
+    assert probe["chosen"] == min(probe["scores"], key=probe["scores"].get) == m.llm.quant.requested
+    assert m.llm.file == f"llm-{probe['chosen'].lower()}.gguf"
+    assert sorted(p.name for p in export_backend("gguf", 4).glob("*.gguf")) == [m.llm.file]  # the others deleted
+    assert any("closest to the reference" in n for n in m.validation.notes)
+
+
+def test_quant_flag_skips_the_probe(export_tiny):
+    m = load_manifest(export_tiny("Q4_K_M"))
+    assert m.llm.quant.requested == "Q4_K_M" and "probe" not in (m.llm.quant.model_extra or {})

@@ -26,6 +26,14 @@ MIN_AGREEMENT_DEFAULT = 0.4
 
 STAGES = ("LLM -> GGUF", "quantize LLM", "validate LLM")
 
+# --bits 4 without --quant: the llama.cpp types of that budget, tried on the model itself (the first is the
+# default where no probe runs). Which one loses least depends on the model: the built-in model's LLM was
+# itself Q4_1, so Q4_1 re-encodes it exactly where Q4_K_M rounds it again. 8 bits has one type, Q8_0.
+PROBE_CANDIDATES = {4: ("Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0")}
+PROBE_QUESTIONS = 6  # image questions from the calibration set
+PROBE_TOKENS = 8  # teacher-forced positions each, after the prompt and image
+PROBE_MAX_PARAMS = 4e9  # larger LLMs get the default type (each candidate is a whole quantization pass)
+
 
 def quant_ftype(name: str) -> int:
     import llama_cpp
@@ -216,12 +224,19 @@ def export_llm(ctx):
         raise BadInput("--quant F32 from an fp16-loaded LLM would only widen fp16 values: use --bits 16 (F16), "
                        "or load the LLM with --llm-dtype float32")
     ctx.reference_trace()  # recorded before the torch LLM is freed below
+    candidates = probe_candidates(ctx)
+    traces = probe_traces(ctx) if candidates else []
     LlamaGGUFWriter(src.description.get("tokenizer_pre", "smollm"), Path(spm) if spm else None).write(
         src.llm, src.tokenizer, base, name=src.description.get("name", "edge-vlm"))
     ctx.release_torch_llm()  # quantizing maps the whole GGUF: one copy of the LLM in memory, not two
     ctx.step("quantize LLM")
+    probe = None
+    if candidates:
+        quant, probe = choose_quant(ctx, base, candidates, traces)
+        ctx.quant = quant
     llm_file = f"llm-{quant.lower()}.gguf"
-    quantize(base, ctx.bw.path(llm_file), quant, cfg.threads)
+    if not ctx.bw.path(llm_file).is_file():
+        quantize(base, ctx.bw.path(llm_file), quant, cfg.threads)
     base.unlink()
     mix = tensor_mix(ctx.bw.path(llm_file))
     ctx.step("validate LLM")
@@ -231,5 +246,65 @@ def export_llm(ctx):
                                                            sentencepiece=bool(spm))
     spec = LLMSpec(backend="gguf", file=llm_file, arch=src.llm_arch, n_embd=ctx.llm_config.hidden_size,
                    n_ctx_train=ctx.llm_config.max_position_embeddings,
-                   quant={"requested": quant, "bits": gguf_bits(quant), "method": "llama.cpp", **mix})
+                   quant={"requested": quant, "bits": gguf_bits(quant), "method": "llama.cpp", **mix,
+                          **({"probe": probe} if probe else {})})
     return spec, {"llm": {"prompt": ctx.validation_prompt, **agreement}, "tokenizer": tokenizer_check}
+
+
+def probe_candidates(ctx) -> tuple[str, ...]:
+    """The types to try: only when the user named no --quant, the budget has several, and the LLM is
+    small enough that quantizing it several times is cheap."""
+    cfg = ctx.cfg
+    types = PROBE_CANDIDATES.get(cfg.bits, ()) if not cfg.quant else ()
+    if len(types) < 2:
+        return ()
+    n_params = sum(p.numel() for p in ctx.src.llm.parameters())
+    if n_params > PROBE_MAX_PARAMS:
+        ctx.notes.append(f"note: {types[0]} without a probe of the other {cfg.bits}-bit types (an LLM of "
+                         f"{n_params / 1e9:.1f} B parameters): --quant {types[2]} etc. to try another")
+        return ()
+    return types
+
+
+def probe_traces(ctx) -> list[tuple[str, np.ndarray, object]]:
+    """(question, image embeddings, the torch reference's trace) for the first calibration questions."""
+    from edge_vlm.data import load_questions
+    from edge_vlm.export.llm_gptq import DEFAULT_CALIBRATION
+    from edge_vlm.export.llm_validate import reference_trace
+
+    folder = Path(ctx.cfg.calibration_data) if ctx.cfg.calibration_data else DEFAULT_CALIBRATION
+    questions = load_questions(str(folder), split="", seed=0)[:PROBE_QUESTIONS]
+    out = []
+    for q in questions:
+        emb = ctx.embed_image(q.image)
+        out.append((q.text, emb, reference_trace(ctx.ref_llm, ctx.src.prompt, q.text, emb, PROBE_TOKENS)))
+    return out
+
+
+def choose_quant(ctx, base: Path, candidates, traces) -> tuple[str, dict]:
+    """Quantize to every candidate, score each by its mean KL to the torch reference over the probe
+    traces, keep the best file (named as the manifest will say) and delete the others."""
+    from edge_vlm.export.llm_validate import teacher_forced_agreement
+    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
+
+    scores = {}
+    for q in candidates:
+        path = ctx.bw.path(f"llm-{q.lower()}.gguf")
+        quantize(base, path, q, ctx.cfg.threads)
+        s = LlamaCppSession(path, LlamaCppConfig(n_ctx=512, exact=True, n_threads=ctx.cfg.threads))
+        try:
+            kls = [teacher_forced_agreement(trace, s, ctx.src.prompt, text, emb)["mean_kl"]
+                   for text, emb, trace in traces]
+        finally:
+            s.close()
+        scores[q] = round(float(np.mean(kls)), 6)
+    best = min(candidates, key=lambda q: (scores[q], candidates.index(q)))
+    for q in candidates:
+        if q != best:
+            ctx.bw.path(f"llm-{q.lower()}.gguf").unlink(missing_ok=True)
+    ranked = ", ".join(f"{q} {scores[q]:.4f}" for q in sorted(scores, key=scores.get))
+    ctx.notes.append(f"--bits {ctx.cfg.bits}: {best}, the {ctx.cfg.bits}-bit type closest to the reference "
+                     f"(mean KL over {len(traces)} image questions x {PROBE_TOKENS} tokens: {ranked}); "
+                     "--quant TYPE forces one")
+    return best, {"metric": "mean KL(reference || bundle), nats", "questions": len(traces),
+                  "tokens_per_question": PROBE_TOKENS, "scores": scores, "chosen": best}

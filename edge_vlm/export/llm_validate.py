@@ -66,9 +66,10 @@ def teacher_forced_agreement(trace: ReferenceTrace, test, prompt, user_text: str
 
     n = len(trace.tokens)
     prefill(test, prompt, user_text, image_embeds, n, GenerationStats())
-    agree, top5, first_diff, max_diff = 0, 0, None, 0.0
+    agree, top5, first_diff, max_diff, kl = 0, 0, None, 0.0, 0.0
     for i, tok in enumerate(trace.tokens):
         lr, lt = trace.logits[i], test.logits()
+        kl += kl_divergence(lr, lt)
         d = float(np.max(np.abs(lr - lt)))
         first_diff = d if first_diff is None else first_diff
         max_diff = max(max_diff, d)
@@ -77,7 +78,16 @@ def teacher_forced_agreement(trace: ReferenceTrace, test, prompt, user_text: str
         if i + 1 < n:
             test.eval_tokens([tok])
     return {"tokens": n, "top1_agreement": agree / n, "top5_agreement": top5 / n, "first_logits_max_abs_diff": first_diff,
-            "logits_max_abs_diff": max_diff}
+            "logits_max_abs_diff": max_diff, "mean_kl": kl / n}
+
+
+def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
+    """KL(reference || test) of the two next-token distributions, in nats (float64)."""
+    a = ref_logits.astype(np.float64)
+    b = test_logits.astype(np.float64)
+    la = a - a.max() - np.log(np.exp(a - a.max()).sum())
+    lb = b - b.max() - np.log(np.exp(b - b.max()).sum())
+    return float(max(0.0, np.sum(np.exp(la) * (la - lb))))
 
 
 # The 4-bit floor every backend without a better-founded one uses. Chance is 5/n_vocab (~1e-4);
