@@ -67,3 +67,12 @@ def test_an_unknown_template_takes_one_turn_only():
     assert render(custom, [Message("user", "hi", ("i",))]).before == "Q: "
     with pytest.raises(BadInput, match="one user message"):
         render(custom, [Message("user", "a"), Message("assistant", "b"), Message("user", "c")])
+
+
+def test_consecutive_user_messages_as_upstream_chat_takes_them():
+    """An image sent alone, then the question: one turn ("<Img>..</Img> question"); two texts in a row:
+    two turns, as upstream's Chat.ask appends a new Human message."""
+    r = render(FAMILIES["minigpt4"].prompt, [Message("user", "", ("image",)), Message("user", "what is it?")])
+    assert (r.before + IMG + r.after).endswith("###Human: <Img><ImageHere></Img> what is it?###Assistant: ")
+    r = render(CHATML, [Message("user", "one"), Message("user", "two")])
+    assert r.before.count("<|im_start|>user\n") == 2

@@ -282,7 +282,7 @@ def strict_server(nano_q4, tmp_path_factory):
     (images / "shape.png").write_bytes(png)
     with live_server(nano_q4, "--api-key", "s3cret", "--parallel", "1", "--max-queue", "0", "--model-name", "nano",
                      "--max-request-mb", "0.05", "--max-image-pixels", "20000",
-                     "--allow-local-images", str(images)) as url:
+                     "--allow-local-images", str(images), "--allow-remote-images") as url:
         yield url
 
 
@@ -320,6 +320,10 @@ def test_local_images_only_inside_the_allowed_folder(strict_server):
     for outside in ("../shape.png", "/etc/hostname", "file:///etc/hostname"):
         got, err = post(strict_server, with_url(outside), auth)
         assert got == 400 and err["error"]["code"] == "invalid_image", (outside, err)
+    # --allow-remote-images fetches only from public hosts: this server itself is not one
+    for internal in (strict_server + "/metrics", "http://169.254.169.254/latest/meta-data/"):
+        got, err = post(strict_server, with_url(internal), auth)
+        assert got == 400 and "internal address" in err["error"]["message"], (internal, err)
 
 
 def test_a_full_queue_answers_429(strict_server):

@@ -68,13 +68,15 @@ def _without_image(turn: str, marker: str) -> str:
 
 
 def _merge(messages: list[Message]) -> list[Message]:
-    """Consecutive messages of one role become one (as chat templates do), texts joined by a newline."""
+    """As upstream's Chat: text sent after an image-only user message joins that message (one space
+    between); any other user message is a turn of its own. Consecutive assistant texts join by a newline."""
     out: list[Message] = []
     for m in messages:
-        if out and out[-1].role == m.role:
-            prev = out[-1]
-            text = "\n".join(t for t in (prev.text, m.text) if t)
-            out[-1] = Message(m.role, text, prev.images + m.images)
+        prev = out[-1] if out else None
+        if prev and prev.role == m.role == "user" and prev.images and not prev.text:
+            out[-1] = Message("user", m.text, prev.images + m.images)
+        elif prev and prev.role == m.role == "assistant":
+            out[-1] = Message("assistant", "\n".join(t for t in (prev.text, m.text) if t))
         else:
             out.append(m)
     return out

@@ -53,7 +53,30 @@ def _llama():
 
         _log_callback = _log  # keep a reference: llama.cpp holds only the C pointer
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _load_cpu_variants(llama_cpp)
     return llama_cpp
+
+
+CPU_VARIANT_GLOB = "libggml-cpu-*.so"  # a GGML_CPU_ALL_VARIANTS build: one CPU backend per instruction set
+
+
+def _load_cpu_variants(llama_cpp) -> None:
+    """A llama.cpp built with GGML_BACKEND_DL=ON and GGML_CPU_ALL_VARIANTS=ON (what `make setup` builds)
+    links no CPU backend: it ships one per instruction-set level (haswell, skylakex, icelake, zen4, ...)
+    and ggml loads the best one this CPU supports. llama-cpp-python does not ask it to, so we do."""
+    from pathlib import Path
+
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    if not any(libdir.glob(CPU_VARIANT_GLOB)):
+        return  # a build with its CPU backend linked in: nothing to load
+    ggml = ctypes.CDLL(str(libdir / "libggml.so"))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_dev_count() == 0:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(str(libdir).encode())
+    if ggml.ggml_backend_dev_count() == 0:
+        raise BundleError(f"llama.cpp found no CPU backend for this processor in {libdir} (llama.cpp: {recent_log()}): "
+                          "reinstall llama-cpp-python (make setup)")
 
 
 def recent_log(n: int = 3) -> str:

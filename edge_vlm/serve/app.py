@@ -42,6 +42,9 @@ class Server:
         self.load_error: str | None = None
         self.model_id = cfg.model_name or Path(cfg.bundle).resolve().name
         self.created = int(time.time())
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-vlm-prep")
 
     def load(self) -> None:
         from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
@@ -59,8 +62,9 @@ class Server:
             self.load_error = str(e)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
+        self.prep.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None and not self.engine.stop():
+            return  # the engine thread is still in llama.cpp: freeing its context now would crash; exit frees it
         if self.pipeline is not None:
             self.pipeline.close()
 
@@ -131,12 +135,11 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
             return
         got = request.headers.get("authorization", "")
         scheme, _, key = got.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), cfg.api_key.encode())
-        if not ok:
-            server.metrics.outcome("unauthorized")
+        # headers arrive decoded as latin-1: back to the client's bytes, compared with the key's UTF-8
+        sent = key.strip().encode("latin-1", errors="replace")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(sent, cfg.api_key.encode())):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error" if got else "invalid_request_error", "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+                           "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/health")
     async def health():
@@ -171,41 +174,59 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         try:
             authorize(request)
             ready()
-            job, req = await _job(request)
+            job, req = await _job(request, arrived)
+            try:
+                server.engine.submit(job)
+            except QueueFull:
+                raise ApiError(429, f"the server is busy ({cfg.max_queue} requests waiting): retry shortly",
+                               "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
+            # "started" once prefilled, or the reason it failed; a client that leaves meanwhile is noticed
+            kind, value = await _next_event(job, request)
+            if kind is None:
+                return _gone()
+            if kind == "error":
+                raise from_edge_error(value)
         except ApiError as e:
-            if e.status != 401:
-                server.metrics.outcome(OUTCOME_BY_STATUS.get(e.status, "error"))
-            raise
-        try:
-            server.engine.submit(job)
-        except QueueFull:
-            server.metrics.outcome("rejected")
-            raise ApiError(429, f"the server is busy ({cfg.max_queue} requests waiting): retry shortly",
-                           "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from None
-        kind, value = await job.events.get()  # "started" once prefilled, or the reason it failed
-        if kind == "error":
-            e = from_edge_error(value)
             server.metrics.outcome(OUTCOME_BY_STATUS.get(e.status, "error"))
-            raise e
+            raise
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, rid, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JobStream(job, _stream(job, rid, usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(job, rid, request)
 
-    async def _job(request: Request) -> tuple[Job, chat.ChatRequest]:
+    async def _next_event(job: Job, request: Request):
+        """The job's next event; None (and the job cancelled) if the client disconnects first."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    return None, None
+            except asyncio.CancelledError:
+                job.cancelled = True
+                raise
+
+    async def _job(request: Request, arrived: float) -> tuple[Job, chat.ChatRequest]:
         body = await _read_body(request)
         req = chat.parse(body)
         if req.model != server.model_id:
             raise ApiError(404, f"model {req.model!r} does not exist: this server serves {server.model_id!r} "
                                 "(GET /v1/models)", code="model_not_found", param="model")
-        msgs = await asyncio.to_thread(chat.messages, req, lambda url: images.load(url, cfg))
-        fields = await asyncio.to_thread(_prepare, req, msgs)
-        return Job(**fields, loop=asyncio.get_running_loop()), req
+        loop = asyncio.get_running_loop()
+        # decoding, resizing and tokenizing run on one thread of their own, one request at a time: beside
+        # the engine's --threads they add one core's worth of work at most
+        fields = await loop.run_in_executor(server.prep, _prepare_all, req)
+        return Job(**fields, loop=loop, arrived=arrived), req
+
+    def _prepare_all(req: chat.ChatRequest) -> dict:
+        return _prepare(req, chat.messages(req, lambda url: images.load(url, cfg)))
 
     def _prepare(req: chat.ChatRequest, msgs) -> dict:
         """Render, tokenize and size the request (off the event loop: tokenizing is CPU work)."""
@@ -253,28 +274,29 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _chunk(rid: str, created: int, delta: dict, finish=None, usage=None, choices=True) -> bytes:
+    def _chunk(rid: str, created: int, delta: dict, finish=None, usage=False, choices=True) -> bytes:
 
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
-        if usage is not None:
+        if usage is not False:  # with include_usage, OpenAI sends "usage": null on every chunk but the last
             body["usage"] = usage
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     async def _stream(job: Job, rid: str, include_usage: bool):
         created = int(time.time())
         done = False
+        usage = None if include_usage else False
         try:
-            yield _chunk(rid, created, {"role": "assistant", "content": ""})
+            yield _chunk(rid, created, {"role": "assistant", "content": ""}, usage=usage)
             while True:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    yield _chunk(rid, created, {"content": value})
+                    yield _chunk(rid, created, {"content": value}, usage=usage)
                 elif kind == "done":
                     done = True
                     server.metrics.outcome("ok")
-                    yield _chunk(rid, created, {}, finish=value["finish_reason"])
+                    yield _chunk(rid, created, {}, finish=value["finish_reason"], usage=usage)
                     if include_usage:
                         yield _chunk(rid, created, {}, usage=_usage(value), choices=False)
                     yield b"data: [DONE]\n\n"
@@ -302,7 +324,7 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled = True
-                        return JSONResponse({}, status_code=499)
+                        return _gone()
                 if kind is None:
                     continue
                 if kind == "text":
@@ -323,6 +345,27 @@ def create_app(cfg: ServeConfig, server: Server | None = None):
             raise
 
     return app
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer whose job is cancelled however the response ends early: a client gone before
+    the first chunk is written never runs the body generator's own clean-up."""
+
+    def __init__(self, job: Job, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True  # a no-op once the job is done: the engine has let it go
+
+
+def _gone():
+    """What a client that left is sent (nobody reads it; the access log does): nginx's 499."""
+    return JSONResponse(ApiError(499, "the client closed the connection", code="client_closed").body(),
+                        status_code=499)
 
 
 def _usage(v: dict) -> dict:

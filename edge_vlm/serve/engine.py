@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_vlm.errors import EdgeVLMError
 from edge_vlm.runtime.generate import CLEANUP_HOLD, _StopText
 from edge_vlm.runtime.sampling import Sampler, SamplingConfig
 from edge_vlm.serve.metrics import Metrics
@@ -127,6 +126,7 @@ class Engine:
         self.pending: collections.deque[Job] = collections.deque()
         self.active: dict[int, Job] = {}
         self.cv = threading.Condition()
+        self.admitting = 0  # taken from `pending`, being prefilled, not yet in `active`
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="edge-vlm-engine", daemon=True)
 
@@ -134,15 +134,20 @@ class Engine:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the engine thread; False if it did not stop in time (it is still inside the model)."""
         with self.cv:
             self.stopping = True
             self.cv.notify()
         self.thread.join(timeout=30)
+        return not self.thread.is_alive()
 
     def submit(self, job: Job) -> None:
         with self.cv:
-            if len(self.pending) >= self.max_queue and len(self.active) >= self.slots.capacity:
+            if any(j.cancelled for j in self.pending):  # clients that left free their place in the queue
+                self.pending = collections.deque(j for j in self.pending if not j.cancelled)
+            held = len(self.pending) + len(self.active) + self.admitting
+            if held >= self.slots.capacity + self.max_queue:
                 raise QueueFull
             self.pending.append(job)
             self.metrics.queue_depth = len(self.pending)
@@ -176,8 +181,11 @@ class Engine:
                     except Exception:  # noqa: BLE001
                         pass
                 self.metrics.active = 0
+        from edge_vlm.serve.errors import ApiError
+
         for job in list(self.active.values()) + list(self.pending):
-            job.emit("error", EdgeVLMError("the server is shutting down"))
+            job.emit("error", ApiError(503, "the server is shutting down: retry on another instance or later",
+                                       "server_error", "shutting_down"))
 
     def _admit(self) -> None:
         while True:
@@ -187,23 +195,29 @@ class Engine:
                     return
                 job = self.pending.popleft()
                 self.metrics.queue_depth = len(self.pending)
-            if job.cancelled:
-                self.metrics.outcome("cancelled")
-                continue
-            job.slot = free[0]
+                self.admitting += 1
             try:
-                embeds = self._embed(job)
-                logits, job.pos = self.slots.start(job.slot, job.pre_ids, embeds, job.post_ids)
-            except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
-                self.slots.free(job.slot)
-                job.emit("error", e)
-                continue
-            job.sampler = Sampler(job.sampling)
-            job.stopper = _StopText(job.stops, hold=self.hold)
-            self.active[job.slot] = job
-            self.metrics.active = len(self.active)
-            job.emit("started")
-            self._advance(job, logits)
+                if job.cancelled:
+                    self.metrics.outcome("cancelled")
+                    continue
+                job.slot = free[0]
+                try:
+                    embeds = self._embed(job)
+                    logits, job.pos = self.slots.start(job.slot, job.pre_ids, embeds, job.post_ids)
+                    job.sampler = Sampler(job.sampling)
+                    job.stopper = _StopText(job.stops, hold=self.hold)
+                except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+                    self.slots.free(job.slot)
+                    job.emit("error", e)
+                    continue
+                with self.cv:
+                    self.active[job.slot] = job
+                self.metrics.active = len(self.active)
+                job.emit("started")
+                self._advance_safely(job, logits)
+            finally:
+                with self.cv:
+                    self.admitting -= 1
 
     def _embed(self, job: Job) -> np.ndarray | None:
         if job.image is None:
@@ -235,7 +249,14 @@ class Engine:
             return
         for j, lg in zip(jobs, logits):
             j.pos += 1
-            self._advance(j, lg)
+            self._advance_safely(j, lg)
+
+    def _advance_safely(self, job: Job, logits: np.ndarray) -> None:
+        try:
+            self._advance(job, logits)
+        except Exception as e:  # noqa: BLE001 - this request fails; the others in the batch go on
+            self._finish(job, None)
+            job.emit("error", e)
 
     def _advance(self, job: Job, logits: np.ndarray) -> None:
         """Sample the next token of `job`, stream its text, and finish the job when it is done."""
@@ -256,7 +277,8 @@ class Engine:
 
     def _finish(self, job: Job, reason: str | None) -> None:
         """reason: "stop" or "length"; None = cancelled (the client left) or failed."""
-        self.active.pop(job.slot, None)
+        with self.cv:
+            self.active.pop(job.slot, None)
         self.slots.free(job.slot)
         self.metrics.active = len(self.active)
         now = time.perf_counter()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import re
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from edge_vlm.serve.config import ServeConfig
@@ -48,35 +49,80 @@ def _from_local(url: str, folder: str | None, limit: int) -> bytes:
         raise _bad("this server does not read local image files: send the image as a data: URI (base64), or "
                    "start the server with --allow-local-images FOLDER")
     path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file:") else url
+    import os
+    import stat
+
     root = Path(folder).resolve()
     try:
         full = (root / path).resolve()
     except (OSError, RuntimeError, ValueError):
         raise _bad(f"image path {path[:200]!r} cannot be resolved") from None
     if not full.is_relative_to(root):
-        raise _bad(f"image path {path[:200]!r} is outside the folder this server may read ({root})")
-    if not full.is_file():
-        raise _bad(f"image file {path[:200]!r} does not exist in {root}")
-    if full.stat().st_size > limit:
-        raise too_large(f"the image file is larger than the server's limit of {limit // (1 << 20)} MB")
-    return full.read_bytes()
+        raise _bad(f"image path {path[:200]!r} is outside the folder this server may read")
+    try:  # the resolved path, opened without following a link swapped in since
+        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise _bad(f"image file {path[:200]!r} does not exist or cannot be read in the allowed folder") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(f"image path {path[:200]!r} is not a file")
+        if st.st_size > limit:
+            raise too_large(f"the image file is larger than the server's limit of {limit // (1 << 20)} MB")
+        return f.read(limit + 1)
 
 
 def _from_remote(url: str, cfg: ServeConfig, limit: int) -> bytes:
     if not cfg.remote_images:
         raise _bad("this server does not fetch image URLs (off by default): send the image as a data: URI "
                    "(base64), or start the server with --allow-remote-images")
-    import urllib.request
+    import http.client
+    import time
 
+    _public_host(url)
+    opener = urllib.request.build_opener(_NoRedirect)  # a redirect could lead to an internal address
+    deadline = time.monotonic() + cfg.remote_timeout_s
+    chunks, size = [], 0
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "edge-vlm"}),
-                                    timeout=cfg.remote_timeout_s) as r:
-            data = r.read(limit + 1)
-    except (OSError, ValueError) as e:
-        raise _bad(f"could not fetch the image at {url[:200]} ({e})") from None
-    if len(data) > limit:
-        raise too_large(f"the image at {url[:200]} is larger than the server's limit of {limit // (1 << 20)} MB")
-    return data
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "edge-vlm"}),
+                         timeout=cfg.remote_timeout_s) as r:
+            while chunk := r.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"the image at that URL is larger than the server's limit of "
+                                    f"{limit // (1 << 20)} MB")
+                if time.monotonic() > deadline:
+                    raise _bad(f"fetching the image took longer than {cfg.remote_timeout_s:g} s")
+                chunks.append(chunk)
+    except ApiError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException):
+        raise _bad("could not fetch the image at that URL (not reachable, not found, or redirected): send the "
+                   "image as a data: URI") from None
+    return b"".join(chunks)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # urllib then raises HTTPError for the 3xx
+
+
+def _public_host(url: str) -> None:
+    """Refuse URLs whose host resolves to a loopback, private, link-local or otherwise internal address."""
+    import ipaddress
+    import socket
+
+    host = urllib.parse.urlparse(url).hostname
+    if not host:
+        raise _bad("image_url has no host")
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        raise _bad("could not resolve the image URL's host") from None
+    for a in addrs:
+        ip = ipaddress.ip_address(a.split("%")[0])
+        if not ip.is_global:
+            raise _bad("image URLs must point to public hosts (this one resolves to an internal address)")
 
 
 def image_bytes(url: str, cfg: ServeConfig) -> bytes:
@@ -100,8 +146,8 @@ def decode(data: bytes, cfg: ServeConfig):
     from edge_vlm.preprocess import load_image
 
     try:
-        img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        img = Image.open(io.BytesIO(data), formats=list(FORMATS))  # no other decoder sees untrusted bytes
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, EOFError, SyntaxError):
         raise _bad("the image is not a readable PNG, JPEG or WebP file") from None
     if img.format not in FORMATS:
         raise _bad(f"the image is {img.format or 'of an unknown format'}: send PNG, JPEG or WebP")
@@ -111,9 +157,9 @@ def decode(data: bytes, cfg: ServeConfig):
                         f"{cfg.max_image_pixels:,} (--max-image-pixels): send a smaller image")
     try:
         img.load()  # decode now: a truncated file fails here, with a 400
-    except (OSError, ValueError, SyntaxError) as e:
-        raise _bad(f"the image is damaged or truncated ({str(e)[:200]})") from None
-    return load_image(img)
+        return load_image(img)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (EOFError, struct.error, ...) on bad bytes
+        raise _bad(f"the image is damaged or truncated ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load(url: str, cfg: ServeConfig):

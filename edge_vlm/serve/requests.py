@@ -8,11 +8,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_vlm.errors import BadInput
-from edge_vlm.runtime.conversation import Message
+from edge_vlm.runtime.conversation import MAX_IMAGES, Message
 from edge_vlm.serve.errors import ApiError
 
 MAX_MESSAGES = 256
 MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each stop string is matched against the answer after every token
 
 
 class _Model(BaseModel):
@@ -48,12 +49,13 @@ class ChatRequest(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # OpenAI's range
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2 ** 63)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    stream: bool = False
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None  # 0: only the most likely token (greedy)
+    seed: Annotated[int, Field(ge=-(2 ** 63), lt=2 ** 64)] | None = None  # OpenAI takes any int64
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
 
 
 # fields that change the answer in ways this server does not do: refused, never silently ignored
@@ -84,7 +86,12 @@ def parse(body: bytes) -> ChatRequest:
         if refused((req.model_extra or {}).get(name)):
             raise ApiError(400, f"'{name}' is not supported by this server (edge-vlm serves plain chat with images)",
                            code="unsupported_parameter", param=name)
-    if req.n != 1:
+    n_images = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content)
+                   for m in req.messages)
+    if n_images > MAX_IMAGES:  # before any image is decoded: each may be megapixels
+        raise ApiError(400, f"the messages hold {n_images} images; this model takes {MAX_IMAGES} per conversation: "
+                            "start a new conversation for another image", code="too_many_images", param="messages")
+    if req.n not in (None, 1):
         raise ApiError(400, f"n={req.n}: this server returns one choice per request; send n=1 (or leave it out)",
                        code="unsupported_parameter", param="n")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -127,8 +134,11 @@ def messages(req: ChatRequest, load_image) -> list[Message]:
 
 def sampling_fields(req: ChatRequest, default_temperature: float) -> dict[str, Any]:
     temperature = default_temperature if req.temperature is None else req.temperature
-    seed = req.seed if req.seed is not None else (-1 if temperature > 0 else 0)
-    return {"temperature": temperature, "top_p": 1.0 if req.top_p is None else req.top_p, "seed": seed}
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0:  # the nucleus holds only the most likely token
+        temperature, top_p = 0.0, 1.0
+    seed = req.seed % 2 ** 63 if req.seed is not None else (-1 if temperature > 0 else 0)
+    return {"temperature": temperature, "top_p": top_p, "seed": seed}
 
 
 def stops(req: ChatRequest) -> list[str]:
