@@ -4,9 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edge-vlm-installed
-# Portable AVX2 build: the native build crashes (SIGILL, ggml's AMX path) on quantized models on
-# some Xeons. GPU users: CMAKE_ARGS="-DGGML_CUDA=on" (see README).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# Every x86 CPU variant of llama.cpp's CPU backend (sse4.2, haswell/AVX2, skylakex/AVX-512,
+# icelake/VNNI, zen4, sapphirerapids/AMX, ...), each a library of its own; at run time ggml loads the
+# best one this CPU supports (edge-vlm asks it to: llama-cpp-python does not). A native build instead
+# crashed (SIGILL, ggml's AMX path) on quantized models on some Xeons; the former portable build stopped
+# at AVX2. GPU users: CMAKE_ARGS="-DGGML_CUDA=on" (see README).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON
 BUNDLE ?= bundles/nano-q4
 LIMIT ?= 200
 

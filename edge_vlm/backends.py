@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from edge_vlm.errors import BadInput, MissingPackage
 
 # torch is pinned in every command that installs it: an unpinned torch pulls a multi-GB CUDA build
-LLAMA_INSTALL = "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36"
+LLAMA_INSTALL = ("CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON\" "
+                 "pip install llama-cpp-python==0.3.36")
 ORT_INSTALL = "pip install 'edge-vlm[cpu]' (or 'edge-vlm[gpu]'; never both)"
 
 # ExportConfig fields that only some backends take, with their flags

@@ -96,3 +96,22 @@ def test_sampling_is_seeded_and_streams(export_tiny, shape_image):
         a = list(p.generate(shape_image, QUESTION, cfg))
         b = list(p.generate(shape_image, QUESTION, cfg))
     assert a == b and len(a) >= 1
+
+
+def test_a_llama_cpp_built_with_every_cpu_variant_loads_the_best_for_this_cpu():
+    """`make setup` builds llama.cpp's CPU backend once per instruction-set level; edge-vlm loads them
+    (llama-cpp-python does not), and ggml picks the best this CPU runs."""
+    import ctypes
+    from pathlib import Path
+
+    from edge_vlm.runtime.llm_gguf import CPU_VARIANT_GLOB, _llama, _loaded_ggml
+
+    L = _llama()
+    package = Path(L.__file__).parent
+    if not any(d.glob(CPU_VARIANT_GLOB) for d in (package / "lib", package.parent / "bin")):
+        pytest.skip("this llama-cpp-python has its CPU backend linked in (not a GGML_CPU_ALL_VARIANTS build)")
+    ggml = ctypes.CDLL(_loaded_ggml(package))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    assert ggml.ggml_backend_dev_count() >= 1
+    assert "AVX2 = 1" in L.llama_print_system_info().decode() or not any("avx2" in line for line in open(
+        "/proc/cpuinfo") if line.startswith("flags"))

@@ -39,7 +39,9 @@ def _llama():
     try:
         import llama_cpp
     except ImportError as e:
-        raise MissingPackage("llama-cpp-python", 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36',
+        from edge_vlm.backends import LLAMA_INSTALL
+
+        raise MissingPackage("llama-cpp-python", LLAMA_INSTALL,
                              "GGUF bundles run on llama.cpp") from e
     if _log_callback is None:
         verbose = bool(os.environ.get("EDGE_VLM_LLAMA_VERBOSE"))
@@ -60,16 +62,32 @@ def _llama():
 CPU_VARIANT_GLOB = "libggml-cpu-*.so"  # a GGML_CPU_ALL_VARIANTS build: one CPU backend per instruction set
 
 
+def _loaded_ggml(package) -> str:
+    """The libggml that libllama already loaded: the wheel ships copies (libggml.so, libggml.so.0), and
+    opening another copy would give a second backend registry that llama.cpp never looks at."""
+    import re
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = [ln.split()[-1] for ln in maps if re.search(r"/libggml\.so[.0-9]*$", ln.strip())]
+    except OSError:
+        paths = []
+    return paths[0] if paths else str(package / "lib" / "libggml.so.0")
+
+
 def _load_cpu_variants(llama_cpp) -> None:
     """A llama.cpp built with GGML_BACKEND_DL=ON and GGML_CPU_ALL_VARIANTS=ON (what `make setup` builds)
     links no CPU backend: it ships one per instruction-set level (haswell, skylakex, icelake, zen4, ...)
     and ggml loads the best one this CPU supports. llama-cpp-python does not ask it to, so we do."""
     from pathlib import Path
 
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    if not any(libdir.glob(CPU_VARIANT_GLOB)):
+    package = Path(llama_cpp.__file__).parent
+    # llama-cpp-python's wheel puts the variants in site-packages/bin (its CMake install's RUNTIME folder)
+    found = [d for d in (package / "lib", package.parent / "bin") if any(d.glob(CPU_VARIANT_GLOB))]
+    if not found:
         return  # a build with its CPU backend linked in: nothing to load
-    ggml = ctypes.CDLL(str(libdir / "libggml.so"))
+    libdir = found[0]
+    ggml = ctypes.CDLL(_loaded_ggml(package))
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     if ggml.ggml_backend_dev_count() == 0:
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
