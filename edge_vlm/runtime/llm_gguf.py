@@ -250,6 +250,54 @@ class LlamaCppSession:
         finally:
             L.llama_batch_free(batch)
 
+    def seq_tokens(self, entries: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """Tokens of several sequences, (seq, pos, token, want_logits) each, in as few llama_decode calls
+        as n_batch allows (a sequence's entries in position order). Returns the wanted logits, in order."""
+        L, out = self.L, []
+        for s in range(0, len(entries), self.n_batch):
+            chunk = entries[s:s + self.n_batch]
+            batch = L.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                for i, (seq, pos, tok, want) in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = int(want)
+                rc = L.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise BundleError(f"llama_decode failed with code {rc} for a batch of {len(chunk)} tokens")
+                for i, (*_, want) in enumerate(chunk):
+                    if want:
+                        out.append(np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i),
+                                                         shape=(self.n_vocab,)).copy())
+            finally:
+                L.llama_batch_free(batch)
+        return out
+
+    def seq_embeds(self, entries: list[tuple[int, int, np.ndarray]]) -> None:
+        """Image embeddings of several sequences, (seq, first pos, [n, n_embd]) each, batched together."""
+        rows = [(seq, pos + k, r) for seq, pos, e in entries for k, r in enumerate(np.asarray(e, np.float32))]
+        L = self.L
+        for s in range(0, len(rows), self.n_batch):
+            chunk = rows[s:s + self.n_batch]
+            batch = L.llama_batch_init(len(chunk), self.n_embd, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                arr = np.ascontiguousarray(np.stack([r for *_, r in chunk]), dtype=np.float32)
+                ctypes.memmove(batch.embd, arr.ctypes.data, arr.nbytes)
+                for i, (seq, pos, _) in enumerate(chunk):
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = 0
+                rc = L.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise BundleError(f"llama_decode failed with code {rc} for {len(chunk)} image embeddings")
+            finally:
+                L.llama_batch_free(batch)
+
     def seq_clear(self, seq: int) -> None:
         """Forget sequence `seq` (its cache stream is free for the next request)."""
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq, -1, -1)

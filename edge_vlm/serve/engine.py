@@ -47,6 +47,7 @@ class Job:
     last: int = -1
     out: list[int] = field(default_factory=list)
     first_token: float | None = None
+    embeds: np.ndarray | None = None  # the image's embeddings, between admission and prefill
     sampler: Sampler | None = None
     stopper: _StopText | None = None
 
@@ -62,24 +63,38 @@ class Job:
 
 
 class GgufSlots:
-    """Slots = sequences of one llama.cpp context."""
+    """Slots = sequences of one llama.cpp context. One `run` is one step for every active request and the
+    whole prefill of the new ones, in three llama_decode calls: [active requests' next tokens + new
+    requests' text before the image], [new requests' image embeddings], [new requests' text after]. So
+    new prompts are evaluated together, and with the decode step, as llama.cpp's own server batches them."""
 
     batched = True
 
     def __init__(self, llm, n: int):
         self.llm, self.capacity = llm, n
 
-    def start(self, slot: int, pre, embeds, post) -> tuple[np.ndarray, int]:
-        llm, pos = self.llm, 0
-        llm.seq_clear(slot)
-        for kind, items in (("ids", pre), ("emb", embeds), ("ids", post)):
-            if items is not None and len(items):
-                llm.seq_feed(slot, pos, **({"ids": items} if kind == "ids" else {"embeds": items}))
-                pos += len(items)
-        return llm.logits(), pos
-
-    def step(self, steps: list[tuple[int, int, int]]) -> np.ndarray:
-        return self.llm.seq_step(steps)
+    def run(self, active: list, new: list) -> list[np.ndarray]:
+        """Logits for each job of active + new, in that order (new jobs' `pos` set past their prompt)."""
+        llm = self.llm
+        for j in new:
+            llm.seq_clear(j.slot)
+        first = [(j.slot, j.pos, j.last, True) for j in active]
+        for j in new:
+            last_here = j.embeds is None and not j.post_ids  # a text-only prompt ends in this batch
+            first += [(j.slot, k, t, last_here and k == len(j.pre_ids) - 1) for k, t in enumerate(j.pre_ids)]
+        logits = llm.seq_tokens(first)
+        out_active, text_only = logits[:len(active)], iter(logits[len(active):])
+        with_image = [j for j in new if j.embeds is not None]
+        if with_image:
+            llm.seq_embeds([(j.slot, len(j.pre_ids), j.embeds) for j in with_image])
+        after = []
+        for j in new:
+            start = len(j.pre_ids) + (0 if j.embeds is None else len(j.embeds))
+            after += [(j.slot, start + k, t, k == len(j.post_ids) - 1) for k, t in enumerate(j.post_ids)]
+            j.pos = start + len(j.post_ids)
+        tail = iter(llm.seq_tokens(after)) if after else iter(())
+        out_new = [next(tail) if j.post_ids else next(text_only) for j in new]
+        return out_active + out_new
 
     def free(self, slot: int) -> None:
         self.llm.seq_clear(slot)
@@ -94,21 +109,22 @@ class SerialSlots:
     def __init__(self, llm):
         self.llm = llm
 
-    def start(self, slot, pre, embeds, post) -> tuple[np.ndarray, int]:
-        llm = self.llm
-        llm.reset()
-        if pre:
-            llm.eval_tokens(pre)
-        if embeds is not None and len(embeds):
-            llm.eval_embeds(np.ascontiguousarray(embeds))
-        if post:
-            llm.eval_tokens(post)
-        return llm.logits(), len(pre) + (0 if embeds is None else len(embeds)) + len(post)
-
-    def step(self, steps) -> np.ndarray:
-        (_, _, tok), = steps
-        self.llm.eval_tokens([tok])
-        return self.llm.logits()[None]
+    def run(self, active: list, new: list) -> list[np.ndarray]:
+        llm, out = self.llm, []
+        for j in active:
+            llm.eval_tokens([j.last])
+            out.append(llm.logits())
+        for j in new:
+            llm.reset()
+            if j.pre_ids:
+                llm.eval_tokens(j.pre_ids)
+            if j.embeds is not None:
+                llm.eval_embeds(np.ascontiguousarray(j.embeds))
+            if j.post_ids:
+                llm.eval_tokens(j.post_ids)
+            j.pos = len(j.pre_ids) + (0 if j.embeds is None else len(j.embeds)) + len(j.post_ids)
+            out.append(llm.logits())
+        return out
 
     def free(self, slot) -> None:
         pass
@@ -169,9 +185,7 @@ class Engine:
                 if self.stopping:
                     break
             try:
-                self._admit()
-                if self.active:
-                    self._step()
+                self._tick()
             except Exception as e:  # noqa: BLE001 - a bug must fail its requests, never hang them all
                 for job in list(self.active.values()):
                     self.active.pop(job.slot, None)
@@ -187,37 +201,61 @@ class Engine:
             job.emit("error", ApiError(503, "the server is shutting down: retry on another instance or later",
                                        "server_error", "shutting_down"))
 
-    def _admit(self) -> None:
-        while True:
+    def _tick(self) -> None:
+        """One step: every active request's next token, and the prefill of requests taking free slots."""
+        for job in [j for j in self.active.values() if j.cancelled]:
+            self._finish(job, None)
+        new = self._take_new()
+        active = list(self.active.values())
+        if not active and not new:
+            return
+        try:
+            logits = self.slots.run(active, new)
+        except Exception as e:  # noqa: BLE001 - a failed decode fails its requests, not the server
+            for j in active + new:
+                self._finish(j, None)
+                j.emit("error", e)
+            return
+        finally:
             with self.cv:
-                free = [s for s in range(self.slots.capacity) if s not in self.active]
-                if not free or not self.pending:
-                    return
+                self.admitting -= len(new)
+        for j in new:
+            j.embeds = None  # in the KV cache now (the image cache keeps its own reference)
+            with self.cv:
+                self.active[j.slot] = j
+            j.emit("started")
+        self.metrics.active = len(self.active)
+        for j, lg in zip(active + new, logits):
+            if j in active:
+                j.pos += 1
+            self._advance_safely(j, lg)
+
+    def _take_new(self) -> list[Job]:
+        """Waiting requests for the free slots, their images embedded (or taken from the cache)."""
+        new = []
+        with self.cv:
+            free = [s for s in range(self.slots.capacity) if s not in self.active]
+            while free and self.pending:
                 job = self.pending.popleft()
-                self.metrics.queue_depth = len(self.pending)
-                self.admitting += 1
-            try:
                 if job.cancelled:
                     self.metrics.outcome("cancelled")
                     continue
-                job.slot = free[0]
-                try:
-                    embeds = self._embed(job)
-                    logits, job.pos = self.slots.start(job.slot, job.pre_ids, embeds, job.post_ids)
-                    job.sampler = Sampler(job.sampling)
-                    job.stopper = _StopText(job.stops, hold=self.hold)
-                except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
-                    self.slots.free(job.slot)
-                    job.emit("error", e)
-                    continue
-                with self.cv:
-                    self.active[job.slot] = job
-                self.metrics.active = len(self.active)
-                job.emit("started")
-                self._advance_safely(job, logits)
-            finally:
+                job.slot = free.pop(0)
+                new.append(job)
+            self.metrics.queue_depth = len(self.pending)
+            self.admitting += len(new)
+        ready = []
+        for job in new:
+            try:
+                job.embeds = self._embed(job)
+                job.sampler = Sampler(job.sampling)
+                job.stopper = _StopText(job.stops, hold=self.hold)
+                ready.append(job)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 with self.cv:
                     self.admitting -= 1
+                job.emit("error", e)
+        return ready
 
     def _embed(self, job: Job) -> np.ndarray | None:
         if job.image is None:
@@ -233,23 +271,6 @@ class Engine:
         else:
             self.cache.move_to_end(job.image_key)
         return emb
-
-    def _step(self) -> None:
-        for job in [j for j in self.active.values() if j.cancelled]:
-            self._finish(job, None)
-        if not self.active:
-            return
-        jobs = list(self.active.values())
-        try:
-            logits = self.slots.step([(j.slot, j.pos, j.last) for j in jobs])
-        except Exception as e:  # noqa: BLE001 - a failed decode fails its requests, not the server
-            for j in jobs:
-                self._finish(j, None)
-                j.emit("error", e)
-            return
-        for j, lg in zip(jobs, logits):
-            j.pos += 1
-            self._advance_safely(j, lg)
 
     def _advance_safely(self, job: Job, logits: np.ndarray) -> None:
         try:
