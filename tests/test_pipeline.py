@@ -115,3 +115,40 @@ def test_a_llama_cpp_built_with_every_cpu_variant_loads_the_best_for_this_cpu():
     assert ggml.ggml_backend_dev_count() >= 1
     assert "AVX2 = 1" in L.llama_print_system_info().decode() or not any("avx2" in line for line in open(
         "/proc/cpuinfo") if line.startswith("flags"))
+
+
+def test_several_sequences_in_one_llama_context_equal_each_alone(export_backend):
+    """The server's batched path: prompts of three sequences evaluated in one batch, then their decode
+    steps together, give each sequence the greedy tokens it gets alone (F32 KV cache: bit-exact)."""
+    import numpy as np
+
+    from edge_vlm.manifest import load_manifest
+    from edge_vlm.runtime.llm_gguf import LlamaCppConfig, LlamaCppSession
+
+    b = export_backend("gguf", 8)
+    f = b / load_manifest(b).llm.file
+    alone = LlamaCppSession(f, LlamaCppConfig(n_ctx=256, n_threads=1, exact=True))
+    batched = LlamaCppSession(f, LlamaCppConfig(n_ctx=256, n_threads=1, exact=True, n_seq=3))
+    try:
+        prompts = [alone.tokenize(p, False) for p in ("hello there", "what is the colour of", "a b c d")]
+        want = []
+        for ids in prompts:
+            alone.reset()
+            alone.eval_tokens(ids)
+            toks = []
+            for _ in range(6):
+                toks.append(int(np.argmax(alone.logits())))
+                alone.eval_tokens([toks[-1]])
+            want.append(toks)
+        first = batched.seq_tokens([(s, k, t, k == len(ids) - 1) for s, ids in enumerate(prompts)
+                                    for k, t in enumerate(ids)])
+        got, pos = [[int(np.argmax(lg))] for lg in first], [len(ids) for ids in prompts]
+        for _ in range(5):
+            step = batched.seq_tokens([(s, pos[s], got[s][-1], True) for s in range(3)])
+            for s in range(3):
+                pos[s] += 1
+                got[s].append(int(np.argmax(step[s])))
+        assert got == want
+    finally:
+        alone.close()
+        batched.close()

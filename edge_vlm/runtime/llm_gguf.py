@@ -219,37 +219,6 @@ class LlamaCppSession:
             self._decode(len(chunk), ("emb", chunk))
 
     # --- several sequences in one context (the server's continuous batching) -----------------
-    def seq_feed(self, seq: int, pos: int, ids: list[int] | None = None, embeds: np.ndarray | None = None) -> None:
-        """Evaluate token ids or embeddings for sequence `seq` from position `pos`, in n_batch chunks;
-        the logits of the last one are then at `logits()`."""
-        kind, items = ("tok", ids) if embeds is None else ("emb", embeds)
-        for s in range(0, len(items), self.n_batch):
-            chunk = items[s:s + self.n_batch]
-            self._decode(len(chunk), (kind, chunk), seq=seq, pos=pos + s)
-
-    def seq_step(self, steps: list[tuple[int, int, int]]) -> np.ndarray:
-        """One token for each (seq, pos, token) in one llama_decode: every sequence shares each read of
-        the weights. Returns their logits, [len(steps), n_vocab]."""
-        L = self.L
-        batch = L.llama_batch_init(len(steps), 0, 1)
-        try:
-            batch.n_tokens = len(steps)
-            for i, (seq, pos, tok) in enumerate(steps):
-                batch.token[i] = tok
-                batch.pos[i] = pos
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = 1
-            rc = L.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise BundleError(f"llama_decode failed with code {rc} for a batch of {len(steps)} sequences")
-            out = np.empty((len(steps), self.n_vocab), np.float32)
-            for i in range(len(steps)):
-                out[i] = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-            return out
-        finally:
-            L.llama_batch_free(batch)
-
     def seq_tokens(self, entries: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
         """Tokens of several sequences, (seq, pos, token, want_logits) each, in as few llama_decode calls
         as n_batch allows (a sequence's entries in position order). Returns the wanted logits, in order."""

@@ -134,7 +134,7 @@ class Engine:
     def __init__(self, pipeline, parallel: int, max_queue: int, image_cache: int, metrics: Metrics):
         llm = pipeline.llm
         self.pipeline, self.llm, self.metrics = pipeline, llm, metrics
-        self.slots = GgufSlots(llm, parallel) if hasattr(llm, "seq_step") else SerialSlots(llm)
+        self.slots = GgufSlots(llm, parallel) if hasattr(llm, "seq_tokens") else SerialSlots(llm)
         self.max_queue = max_queue
         self.cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.cache_size = image_cache
