@@ -378,3 +378,20 @@ def test_other_backends_answer_one_request_at_a_time(export_backend, shape_image
         alone = [one(m) for m in reqs]
         with ThreadPoolExecutor(len(reqs)) as pool:
             assert list(pool.map(one, reqs)) == alone
+
+
+def test_while_loading_every_api_route_answers_503_and_health_says_loading(tmp_path):
+    """The app before its bundle has loaded (FastAPI's test client runs no lifespan, so nothing loads)."""
+    from fastapi.testclient import TestClient
+
+    from edge_vlm.serve.app import Server, create_app
+    from edge_vlm.serve.config import ServeConfig
+
+    cfg = ServeConfig(bundle=str(tmp_path))
+    c = TestClient(create_app(cfg, Server(cfg)))
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    r = c.post("/v1/chat/completions", json={"model": tmp_path.name, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "loading" and r.headers["retry-after"]
+    assert c.get("/v1/models").status_code == 503
+    assert "edge_vlm_requests_total" in c.get("/metrics").text
