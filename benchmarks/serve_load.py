@@ -62,7 +62,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -682,16 +681,6 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def versions() -> dict:
-    out = {}
-    for pkg in EXTRA_PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="bundles/nano-gguf-4",
@@ -759,7 +748,9 @@ def main() -> None:
     for kind in cfg.servers:  # one at a time: each server is stopped before the next starts
         results[kind] = bench_server(kind, cfg)
     m = machine()
-    m["packages"] = {**m.get("packages", {}), **versions()}
+    from edge_vlm.bench.machine import versions
+
+    m["packages"] = {**m.get("packages", {}), **versions(EXTRA_PACKAGES)}
     out = {"machine": m, "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "config": {**asdict(cfg), "bundle": str(cfg.bundle), "gguf": str(cfg.gguf), "out_dir": str(cfg.out_dir)},
            "duration_s": round(time.perf_counter() - t0, 1), "results": results}

@@ -56,9 +56,10 @@ def gpu_names() -> list[str]:
         return []
 
 
-def versions() -> dict:
+def versions(packages=PACKAGES) -> dict:
+    """Installed versions of `packages` (those not installed are left out)."""
     out = {}
-    for pkg in PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
