@@ -127,12 +127,25 @@ def write(out: Path, cfg: DrawnConfig = DrawnConfig()) -> Path:
     return out
 
 
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {lo} or more")
+        return v
+
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--images", type=int, default=DrawnConfig.images)
-    ap.add_argument("--seed", type=int, default=DrawnConfig.seed)
-    ap.add_argument("--size", type=int, default=DrawnConfig.size)
+    ap.add_argument("--images", type=_at_least(1), default=DrawnConfig.images)
+    ap.add_argument("--seed", type=_at_least(0), default=DrawnConfig.seed)
+    ap.add_argument("--size", type=_at_least(16), default=DrawnConfig.size, help="pixels per side (16 or more)")
     a = ap.parse_args(argv)
     path = write(Path(a.out), DrawnConfig(images=a.images, seed=a.seed, size=a.size))
     print(f"{path}: {a.images} images, {a.images * DrawnConfig.questions_per_image} questions")
