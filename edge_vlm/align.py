@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+FEATURE_DIM = 1280  # nano.FEATURE_DIM, the EfficientNet-Lite head width (kept here: no torch import at load)
+
 
 @dataclass(frozen=True)
 class AlignConfig:
@@ -33,13 +35,26 @@ class AlignConfig:
     val_images: int = 200  # the last N train images are held out for validation
     val_questions: int = 400  # scored every eval_every steps, spread evenly over the held-out images
     images: int = 0  # use only the first N train images (0 = all 4,000): quick experiments and tests
+    # what varies what easy-VQA holds fixed (edge_vlm/train_shapes.py): generated images, augmented copies
+    # of the easy-VQA training images, and the share of every batch drawn from the generated ones
+    generated: int = 5000
+    augmented: int = 1
+    mix: float = 0.5
+    concat: int = 0  # image tokens: concatenate this many pooled tokens per LLM token (0 = the source's)
+    projector: str = ""  # nano.PROJECTORS: "linear" or "mlp2x_gelu" ("" = the source's)
+    # a second validation set drawn by the held-out procedure (edge_vlm/drawn_shapes.py), with a seed of its
+    # own, never the one README reports
+    drawn_val_images: int = 100
+    drawn_val_seed: int = 7
     threads: int = 0
     cache_dir: str = ".cache/align"
     resume: bool = False
 
 
-def _features(src, image_paths: list[Path], cache: Path, batch: int = 64) -> np.ndarray:
-    """Frozen features [n_images, n_image_tokens, 1280*concat] as float16, cached on disk."""
+def _features(src, images, cache: Path, desc: str, batch: int = 32) -> np.ndarray:
+    """Frozen pooled tokens [n_images, grid*grid, 1280] as float16 (raster order, before any concat),
+    cached on disk. `images` is a list of paths or PIL images, or a zero-argument callable giving one
+    (so a cached set is never generated)."""
     import torch
     from tqdm import tqdm
 
@@ -47,19 +62,98 @@ def _features(src, image_paths: list[Path], cache: Path, batch: int = 64) -> np.
 
     if cache.is_file():
         return np.load(cache)
+    images = images() if callable(images) else images
     p = src.preprocess
+    enc = src.vision.to(memory_format=torch.channels_last)  # ~1.5x faster on CPU, same features to 2e-5
     out = []
-    for s in tqdm(range(0, len(image_paths), batch), desc="vision features", unit="batch"):
-        px = np.concatenate([preprocess(f, p.image_size, p.mean, p.std, p.resize)
-                             for f in image_paths[s:s + batch]])
-        with torch.no_grad():
-            out.append(src.vision.features(torch.from_numpy(px)).numpy().astype(np.float16))
+    for s in tqdm(range(0, len(images), batch), desc=f"vision features: {desc}", unit="batch"):
+        px = np.concatenate([preprocess(f, p.image_size, p.mean, p.std, p.resize) for f in images[s:s + batch]])
+        with torch.inference_mode():
+            f = enc.features(torch.from_numpy(px).contiguous(memory_format=torch.channels_last))
+        out.append(f.reshape(f.shape[0], -1, FEATURE_DIM).numpy().astype(np.float16))
     feats = np.concatenate(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp.npy")
     np.save(tmp, feats)
     tmp.replace(cache)  # a run killed mid-save must not leave a truncated cache behind
     return feats
+
+
+def _training_sets(cfg: AlignConfig, src, root: Path):
+    """All frozen features in one array, and the questions as (feature row, question, answer) per role:
+    'easy' (easy-VQA train + its augmented copies), 'generated', 'val' (held-out easy-VQA train images),
+    'drawn_val' (the held-out procedure, another seed)."""
+    from PIL import Image
+
+    from edge_vlm import drawn_shapes, train_shapes
+    from edge_vlm.data import dataset_dir
+
+    data = dataset_dir("easy-vqa", "train")
+    rows = json.loads((data / "questions.json").read_text())
+    image_ids = sorted({r[2] for r in rows})
+    if cfg.images:
+        image_ids = image_ids[:cfg.images]
+        rows = [r for r in rows if r[2] in set(image_ids)]
+    val_ids = set(image_ids[-cfg.val_images:])
+    train_ids = [i for i in image_ids if i not in val_ids]
+    base = json.dumps([str(root), src.description, src.preprocess.__dict__])
+
+    def key(*spec):
+        return hashlib.sha256(json.dumps([base, *spec]).encode()).hexdigest()[:12]
+
+    def paths(ids):
+        return [data / "images" / f"{i}.png" for i in ids]
+
+    def augmented(copy):
+        rng = np.random.default_rng([cfg.seed, 0xA06, copy])
+        return [train_shapes.augment(rng, Image.open(f).convert("RGB")) for f in paths(train_ids)]
+
+    gen_cfg = train_shapes.TrainShapesConfig(images=cfg.generated, seed=cfg.seed)
+    generated = list(train_shapes.examples(gen_cfg)) if cfg.generated else []
+    drawn_cfg = drawn_shapes.DrawnConfig(images=cfg.drawn_val_images, seed=cfg.drawn_val_seed)
+    drawn = _drawn(drawn_cfg) if cfg.drawn_val_images else []
+    cache = Path(cfg.cache_dir)
+    parts = [_features(src, paths(image_ids), cache / f"easyvqa-train-{key(image_ids)}.npy", "easy-VQA train")]
+    parts += [_features(src, lambda c=c: augmented(c), cache / f"easyvqa-aug{c}-{key(train_ids, cfg.seed, c)}.npy",
+                        f"easy-VQA augmented copy {c + 1}") for c in range(cfg.augmented)]
+    if generated:
+        parts.append(_features(src, [im for im, _ in generated],
+                               cache / f"shapes-{key(str(gen_cfg))}.npy", "generated shapes"))
+    if drawn:
+        parts.append(_features(src, [im for im, _ in drawn], cache / f"drawn-{key(str(drawn_cfg))}.npy",
+                               "drawn validation"))
+    index = {iid: k for k, iid in enumerate(image_ids)}
+    sets = {"easy": [(index[i], q, a) for q, a, i in rows if i not in val_ids], "generated": [], "drawn_val": []}
+    vals = [(index[i], q, a) for q, a, i in rows if i in val_ids]
+    sets["val"] = vals[::max(1, len(vals) // cfg.val_questions)][:cfg.val_questions]  # spread over all held-out
+    offset, train_row = len(image_ids), {iid: k for k, iid in enumerate(train_ids)}
+    for _ in range(cfg.augmented):
+        sets["easy"] += [(offset + train_row[i], q, a) for q, a, i in rows if i not in val_ids]
+        offset += len(train_ids)
+    for k, (_, qa) in enumerate(generated):
+        sets["generated"] += [(offset + k, q, a) for q, a in qa]
+    offset += len(generated)
+    for k, (_, qa) in enumerate(drawn):
+        sets["drawn_val"] += [(offset + k, q, a) for q, a in qa]
+    return np.concatenate(parts), sets
+
+
+def _drawn(cfg) -> list:
+    from edge_vlm import drawn_shapes
+
+    rng = np.random.default_rng(cfg.seed)
+    out = []
+    for _ in range(cfg.images):
+        img, shape, colour = drawn_shapes.draw(rng, cfg)
+        out.append((img, drawn_shapes.questions(rng, shape, colour, cfg.questions_per_image)))
+    return out
+
+
+def _order(rng, n_rows: int, need: int) -> np.ndarray:
+    """Epochs of fresh permutations, so every row is seen before any is repeated."""
+    if not n_rows or not need:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([rng.permutation(n_rows) for _ in range(-(-need // n_rows))])[:need]
 
 
 class _Batcher:
@@ -76,15 +170,16 @@ class _Batcher:
             ans = tok(a + src.prompt.stop[0], add_special_tokens=False).input_ids
             self.rows.append((image_index, pre, post, ans))
 
-    def build(self, idx, feats, proj):
+    def build(self, idx, feats, proj, concat: int):
         import torch
 
         embed = self.src.llm.get_input_embeddings()
         rows = [self.rows[i] for i in idx]
-        n_img = feats.shape[1]
+        n_img = feats.shape[1] // concat
         lens = [len(p) + n_img + len(q) + len(a) for _, p, q, a in rows]
         T = max(lens)
-        img = proj(torch.from_numpy(feats[[r[0] for r in rows]].astype(np.float32)))
+        x = feats[[r[0] for r in rows]].astype(np.float32).reshape(len(rows), n_img, FEATURE_DIM * concat)
+        img = proj(torch.from_numpy(x))
         seqs, labels, mask = [], torch.full((len(rows), T), -100), torch.zeros(len(rows), T, dtype=torch.long)
         for b, (_, pre, post, ans) in enumerate(rows):
             with torch.no_grad():
@@ -132,25 +227,20 @@ def run(cfg: AlignConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     root = resolve_source(cfg.source)
     src = nano.load(root, json.loads((root / "edge-vlm-source.json").read_text()), with_projection=False)
-    data = dataset_dir("easy-vqa", "train")
-    rows = json.loads((data / "questions.json").read_text())
-    image_ids = sorted({r[2] for r in rows})
-    if cfg.images:
-        image_ids = image_ids[:cfg.images]
-        rows = [r for r in rows if r[2] in set(image_ids)]
-    index = {iid: k for k, iid in enumerate(image_ids)}
-    desc_key = hashlib.sha256(json.dumps([str(root), src.description, src.preprocess.__dict__, image_ids]).encode()
-                              ).hexdigest()[:12]
-    feats = _features(src, [data / "images" / f"{i}.png" for i in image_ids],
-                      Path(cfg.cache_dir) / f"easyvqa-train-{desc_key}.npy")
-    val_ids = set(image_ids[-cfg.val_images:])
-    train = [(index[i], q, a) for q, a, i in rows if i not in val_ids]
-    val_all = [(index[i], q, a) for q, a, i in rows if i in val_ids]
-    val = val_all[::max(1, len(val_all) // cfg.val_questions)][:cfg.val_questions]  # spread over all held-out images
-    tb, vb = _Batcher(src, train), _Batcher(src, val)
+    concat = cfg.concat or src.vision.cfg.concat
+    grid = src.vision.cfg.grid
+    if (grid * grid) % concat:
+        from edge_vlm.errors import BadInput
 
-    proj = src.vision.proj
-    proj.reset_parameters()
+        raise BadInput(f"--concat {concat} does not divide the {grid}x{grid} pooled tokens; use one of "
+                       f"{[c for c in range(1, grid * grid + 1) if (grid * grid) % c == 0]}")
+    feats, sets = _training_sets(cfg, src, root)
+    batchers = {k: _Batcher(src, v) for k, v in sets.items()}
+    tb_easy, tb_gen = batchers["easy"], batchers["generated"]
+
+    projector = cfg.projector or src.vision.cfg.projector
+    proj = nano.build_projector(projector, FEATURE_DIM * concat, src.llm.config.hidden_size)
+    src.vision.proj = proj
     proj.requires_grad_(True)
     opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
@@ -173,17 +263,22 @@ def run(cfg: AlignConfig, log=print) -> dict:
         sched.load_state_dict(state["sched"])
         step, curve = int(state["step"]), [tuple(r) for r in state["curve"].tolist()]
         log(f"resumed from {ckpt} at step {step}")
-    # epochs of fresh permutations, so every training question is seen before any is repeated
+    # each batch: `mix` of it from the generated images, the rest from easy-VQA (+ augmented copies)
+    n_gen = round(cfg.batch_size * cfg.mix) if tb_gen.rows else 0
+    n_easy = cfg.batch_size - n_gen
     rng = np.random.default_rng(cfg.seed)
-    need = cfg.steps * cfg.batch_size
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-need // len(train)))])[:need]
+    order_easy = _order(rng, len(tb_easy.rows), cfg.steps * n_easy)
+    order_gen = _order(rng, len(tb_gen.rows), cfg.steps * n_gen)
 
-    def validate():
+    def validate(name):
+        vb = batchers[name]
+        if not vb.rows:
+            return float("nan"), float("nan")
         proj.eval()
         loss_sum, tokens, correct, answers = 0.0, 0, 0, 0
         with torch.no_grad():
-            for s in range(0, len(val), 32):
-                e, l, m = vb.build(list(range(s, min(s + 32, len(val)))), feats, proj)
+            for s in range(0, len(vb.rows), 32):
+                e, l, m = vb.build(list(range(s, min(s + 32, len(vb.rows)))), feats, proj, concat)
                 loss, c, n, t = _loss_and_acc(src.llm, e, l, m)
                 loss_sum += loss.item() * t
                 tokens += t
@@ -195,8 +290,9 @@ def run(cfg: AlignConfig, log=print) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="align", unit="step")
     t0 = time.time()
     while step < cfg.steps:
-        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
-        e, l, m = tb.build(idx, feats, proj)
+        parts = [b.build(o[step * k:(step + 1) * k].tolist(), feats, proj, concat)
+                 for b, o, k in ((tb_easy, order_easy, n_easy), (tb_gen, order_gen, n_gen)) if k]
+        e, l, m = _stack(parts)
         loss, c, n, _ = _loss_and_acc(src.llm, e, l, m)
         acc = c / n
         opt.zero_grad()
@@ -204,11 +300,12 @@ def run(cfg: AlignConfig, log=print) -> dict:
         opt.step()
         sched.step()
         step += 1
-        row = (step, loss.item(), acc, float("nan"), float("nan"))
+        row = (step, loss.item(), acc) + (float("nan"),) * 4
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            vl, va = validate()
-            row = (step, loss.item(), acc, vl, va)
-            log(f"step {step}: train loss {loss.item():.3f}  val loss {vl:.3f}  val answer-token acc {va:.3f}")
+            (vl, va), (dl, da) = validate("val"), validate("drawn_val")
+            row = (step, loss.item(), acc, vl, va, dl, da)
+            log(f"step {step}: train loss {loss.item():.3f}  easy-VQA val loss {vl:.3f} acc {va:.3f}  "
+                f"drawn val loss {dl:.3f} acc {da:.3f}")
         curve.append(row)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update()
@@ -224,18 +321,48 @@ def run(cfg: AlignConfig, log=print) -> dict:
     if out.resolve() != root.resolve():
         desc = _absolute_refs(desc, root)
         desc = {**desc, "name": f"{desc.get('name', 'nano')}-aligned", "projection": "projection.safetensors"}
+    if out.resolve() != root.resolve() or (concat, projector) != (src.vision.cfg.concat, src.vision.cfg.projector):
+        desc = _with_connector(desc, concat, grid, projector, sum(p.numel() for p in src.vision.parameters()))
         (out / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, str(out / "projection.safetensors"))
     with open(out / "training_curve.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "train_loss", "train_answer_acc", "val_loss", "val_answer_acc"])
+        w.writerow(CURVE_COLUMNS)
         w.writerows(curve)
-    summary = {"config": asdict(cfg), "train_questions": len(train), "val_questions": len(val),
-               "final": dict(zip(["step", "train_loss", "train_answer_acc", "val_loss", "val_answer_acc"], curve[-1])),
+    summary = {"config": asdict(cfg), "image_tokens": grid * grid // concat, "projector": projector,
+               "questions": {k: len(b.rows) for k, b in batchers.items()},
+               "final": dict(zip(CURVE_COLUMNS, curve[-1])),
                "seconds_this_run": round(time.time() - t0, 1)}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(curve, out / "training_curve.png")
     return summary
+
+
+CURVE_COLUMNS = ["step", "train_loss", "train_answer_acc", "val_loss", "val_answer_acc", "drawn_val_loss",
+                 "drawn_val_answer_acc"]
+
+
+def _stack(parts):
+    """Batches built separately (easy-VQA, generated), right-padded to one length and stacked."""
+    import torch
+
+    T = max(e.shape[1] for e, _, _ in parts)
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1]) if x.dim() == 3 else (0, T - x.shape[1]),
+                                       value=value)
+
+    return (torch.cat([pad(e, 0.0) for e, _, _ in parts]), torch.cat([pad(l, -100) for _, l, _ in parts]),
+            torch.cat([pad(m, 0) for _, _, m in parts]))
+
+
+def _with_connector(desc: dict, concat: int, grid: int, projector: str, vision_params: int) -> dict:
+    """The source description with the connector trained, and the counts `plan` reads from its shape block."""
+    vision = {**desc.get("vision", {}), "concat": concat, "projector": projector}
+    shape = dict(desc.get("shape", {}))
+    if "vision" in shape:
+        shape["vision"] = {**shape["vision"], "image_tokens": grid * grid // concat, "params": vision_params}
+    return {**desc, "vision": vision, **({"shape": shape} if shape else {})}
 
 
 def _absolute_refs(desc: dict, root: Path) -> dict:
@@ -268,11 +395,13 @@ def _plot(curve, path: Path):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy on answer tokens")
     ax2 = ax.twinx()
-    ax2.plot(a[v, 0], a[v, 4], "s--", color="C2", label="val answer acc")
+    ax2.plot(a[v, 0], a[v, 4], "s--", color="C2", label="easy-VQA val answer acc")
+    if a.shape[1] > 6 and not np.isnan(a[v, 6]).all():
+        ax2.plot(a[v, 0], a[v, 6], "^--", color="C3", label="drawn-shapes val answer acc")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("val answer-token accuracy")
     fig.legend(loc="upper right", fontsize=8)
-    ax.set_title("edge-vlm align: nano projection on easy-VQA")
+    ax.set_title("edge-vlm align: nano projection")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

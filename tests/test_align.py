@@ -9,7 +9,7 @@ from edge_vlm.align import AlignConfig, run
 
 def _cfg(src, out, cache, **kw):
     return AlignConfig(source=str(src), out=str(out), steps=4, batch_size=4, save_every=2, eval_every=4,
-                       images=40, val_images=8, cache_dir=str(cache), **kw)
+                       images=40, val_images=8, generated=6, drawn_val_images=3, cache_dir=str(cache), **kw)
 
 
 def test_resume_after_interruption_gives_the_same_projection(tiny_source, tmp_path, monkeypatch):
@@ -64,3 +64,18 @@ def test_only_the_projection_changes(tiny_source, tmp_path, monkeypatch):
     src = nano.load(tiny_source, json.loads((tiny_source / "edge-vlm-source.json").read_text()))
     for k, v in src.vision.encoder.state_dict().items():  # the frozen encoder is what is on disk
         assert torch.equal(v, enc[k])
+
+
+def test_an_mlp_projector_with_more_image_tokens_trains_and_loads(tiny_source, tmp_path):
+    """--projector mlp2x_gelu --concat 1: the output source says so, and export's loader builds the same modules."""
+    import json
+
+    from edge_vlm.families import load_source
+
+    s = run(_cfg(tiny_source, tmp_path / "m", tmp_path / "cm", projector="mlp2x_gelu", concat=1), log=lambda *a: None)
+    desc = json.loads((tmp_path / "m" / "edge-vlm-source.json").read_text())
+    assert desc["vision"]["projector"] == "mlp2x_gelu" and desc["vision"]["concat"] == 1
+    src = load_source(str(tmp_path / "m"))
+    assert src.vision.proj[0].weight.shape == (64, 1280) and src.vision.proj[2].weight.shape == (64, 64)
+    grid = src.vision.cfg.grid
+    assert s["image_tokens"] == grid * grid == src.description["image_tokens"]

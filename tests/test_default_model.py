@@ -10,11 +10,14 @@ from edge_vlm.families import BUILTIN, SOURCE_FILE
 def test_committed_projection_matches_the_model():
     from safetensors.numpy import load_file
 
+    from edge_vlm.families.nano import FEATURE_DIM, build_projector
+
     root = BUILTIN["nano"]
     desc = json.loads((root / SOURCE_FILE).read_text())
     w = load_file(str(root / desc["projection"]))
-    assert set(w) == {"weight", "bias"}
-    assert w["weight"].shape == (576, 1280 * desc["vision"]["concat"]) and w["bias"].shape == (576,)
+    v = desc["vision"]
+    want = build_projector(v.get("projector", "linear"), FEATURE_DIM * v["concat"], 576).state_dict()
+    assert {k: tuple(t.shape) for k, t in w.items()} == {k: tuple(t.shape) for k, t in want.items()}
     assert (root / "TRAINING.md").is_file() and (root / "training_curve.csv").is_file()
 
 

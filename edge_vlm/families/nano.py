@@ -2,7 +2,8 @@
 
 vision   EfficientNet-Lite0 (ImageNet, frozen) -> feature map [1280, S/32, S/32]
 connector avg-pool `pool`x`pool` -> tokens in raster order -> concatenate `concat` consecutive
-         tokens (MiniGPT-v2's row-major `.view`) -> Linear(1280*concat -> n_embd)   (trained)
+         tokens (MiniGPT-v2's row-major `.view`) -> the projector (trained): Linear(1280*concat -> n_embd),
+         or LLaVA-1.5's two-layer MLP with GELU (`projector: mlp2x_gelu`)
 LLM      any HF causal LM transformers or edge_vlm.llms can load (built-in: SmolLM2-135M-Instruct,
          frozen); the gguf backend needs the llama architecture, onnx and bnb take any
 """
@@ -28,6 +29,7 @@ class NanoVisionConfig:
     image_size: int = 256
     pool: int = 2
     concat: int = 4
+    projector: str = "linear"  # a key of PROJECTORS
 
     @property
     def grid(self) -> int:
@@ -52,6 +54,21 @@ def build_encoder(cfg: NanoVisionConfig):
     return enc
 
 
+def build_projector(kind: str, n_in: int, n_out: int):
+    """The trained connector: the keys of PROJECTORS, as the source's `vision.projector` names them."""
+    from torch import nn
+
+    layers = {"linear": lambda: nn.Linear(n_in, n_out),
+              # LLaVA-1.5's mlp2x_gelu: Linear -> GELU -> Linear, hidden width = the LLM's
+              "mlp2x_gelu": lambda: nn.Sequential(nn.Linear(n_in, n_out), nn.GELU(), nn.Linear(n_out, n_out))}
+    if kind not in layers:
+        raise SourceError(f"unknown projector {kind!r}; known: {sorted(layers)}")
+    return layers[kind]()
+
+
+PROJECTORS = ("linear", "mlp2x_gelu")
+
+
 def vision_stack_class():
     import torch
     from torch import nn
@@ -63,7 +80,7 @@ def vision_stack_class():
             super().__init__()
             self.cfg = cfg
             self.encoder = build_encoder(cfg)
-            self.proj = nn.Linear(FEATURE_DIM * cfg.concat, n_embd)
+            self.proj = build_projector(cfg.projector, FEATURE_DIM * cfg.concat, n_embd)
 
         def features(self, pixels: "torch.Tensor") -> "torch.Tensor":
             """Frozen part: [B, n_image_tokens, 1280*concat] (what `align` precomputes)."""
@@ -144,7 +161,7 @@ def vision_config(v) -> NanoVisionConfig:
     """source_schema.NanoVision -> the config the encoder is built from (checked before any weights load)."""
     overrides = v.encoder_overrides.model_dump(exclude_none=True)
     cfg = NanoVisionConfig(encoder=v.encoder, encoder_overrides=tuple(sorted(overrides.items())),
-                           image_size=v.image_size, pool=v.pool, concat=v.concat)
+                           image_size=v.image_size, pool=v.pool, concat=v.concat, projector=v.projector)
     cfg.check()
     return cfg
 

@@ -138,6 +138,7 @@ class NanoVision(Schema):
     resize: Literal[RESIZE_METHODS] = "bicubic"
     pool: Int(1, 16) = 2
     concat: Int(1, 64) = 4
+    projector: Literal["linear", "mlp2x_gelu"] = "linear"  # nano.PROJECTORS
 
     @model_validator(mode="after")
     def _grid(self):  # the same arithmetic as nano.NanoVisionConfig.check, before any weights are read
