@@ -45,7 +45,7 @@ test-slow: setup
 test-fuzz: setup
 	$(BIN)/python -m pytest -m "fuzz" -q
 
-# Re-measure benchmarks/results/nano-easyvqa-accuracy.* (about 15 min on 2 cores) and
+# Re-measure benchmarks/results/nano-easyvqa-accuracy.* and nano-drawn-shapes-accuracy.* (about 25 min on 2 cores) and
 # nano-backends-accuracy.* (every backend x {4, 8} bits, about 1.5 h)
 results: setup
 	$(BIN)/python benchmarks/accuracy_slice.py --limit 1000

@@ -1,7 +1,9 @@
 """Accuracy of the built-in nano model: fp32 torch reference vs 16-, 8- and 4-bit bundles on the
-same easy-VQA test questions, with bundle sizes. Writes benchmarks/results/nano-easyvqa-accuracy.*
+same easy-VQA test questions, with bundle sizes, and on shapes drawn by the held-out procedure
+(edge_vlm/drawn_shapes.py, seed 20261130). Writes benchmarks/results/nano-easyvqa-accuracy.* and
+benchmarks/results/nano-drawn-shapes-accuracy.*
 
-    python benchmarks/accuracy_slice.py --limit 1000
+    python benchmarks/accuracy_slice.py --limit 1000 --drawn 200
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ def main():
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--bundles", default="bundles", help="where the 16/8/4-bit bundles are (re)built")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--drawn", type=int, default=200,
+                    help="images of the held-out drawn-shapes set (3 questions each; 0 = skip it)")
     ap.add_argument("--extra-quants", default="Q4_1,Q4_0",
                     help="llama.cpp types measured besides --bits 16/8/4 (comma-separated; '' for none)")
     a = ap.parse_args()
@@ -27,10 +31,23 @@ def main():
     from edge_vlm.export.run import ExportConfig, run
     from edge_vlm.manifest import load_manifest
 
-    rows = []
+    import tempfile
+
+    from edge_vlm.drawn_shapes import DrawnConfig, write
+
+    drawn_cfg = DrawnConfig(images=a.drawn)
+    drawn = str(write(Path(tempfile.mkdtemp(prefix="drawn-")), drawn_cfg)) if a.drawn else None
+    rows, drawn_rows = [], []
+
+    def on_drawn(target):
+        return evaluate(EvalConfig(target=target, dataset=drawn, split="", limit=None, threads=a.threads))
+
     ref = evaluate(EvalConfig(target="nano", limit=a.limit, threads=a.threads))
     rows.append({"model": "fp32 torch reference", "quant": "fp32 (torch)", "bits_per_weight": 32.0,
                  "bundle_mb": None, **_acc(ref)})
+    if drawn:
+        ref_d = on_drawn("nano")
+        drawn_rows.append({**rows[0], **_acc(ref_d)})
     variants = [(f"bundle --bits {b}", {"bits": b}, f"nano-{b}bit") for b in (16, 8, 4)]
     variants += [(f"bundle --quant {q}", {"quant": q}, f"nano-{q.lower()}") for q in a.extra_quants.split(",") if q]
     for label, kw, name in variants:
@@ -43,13 +60,25 @@ def main():
                      "bundle_mb": round(sum(f.bytes for f in m.files.values()) / 1e6, 2),
                      "files_mb": {k: round(v["bytes"] / 1e6, 2) for k, v in m.files.items()},
                      "same_answer_text_as_reference": round(agree, 4), **_acc(r)})
+        if drawn:
+            r_d = on_drawn(str(out))
+            agree = sum(x["output"] == y["output"] for x, y in zip(ref_d["records"], r_d["records"])) / len(r_d["records"])
+            drawn_rows.append({**rows[-1], **_acc(r_d), "same_answer_text_as_reference": round(agree, 4)})
     data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}"
-            + (f" --extra-quants {a.extra_quants}" if a.extra_quants != "Q4_1,Q4_0" else ""),
+            + f" --drawn {a.drawn}" + (f" --extra-quants {a.extra_quants}" if a.extra_quants != "Q4_1,Q4_0" else ""),
             "dataset": "easy-vqa test", "questions": a.limit, "question_order_seed": 0, "machine": machine(),
             "rows": rows}
     write_json("nano-easyvqa-accuracy", data)
     (RESULTS / "nano-easyvqa-accuracy.md").write_text(markdown(data))
     print(markdown(data))
+    if drawn:
+        n = len(ref_d["records"])
+        data_d = {**data, "benchmark": "nano drawn-shapes accuracy (held-out renderer)",
+                  "dataset": f"python -m edge_vlm.drawn_shapes OUT --images {a.drawn} --seed {drawn_cfg.seed}",
+                  "questions": n, "rows": drawn_rows}
+        write_json("nano-drawn-shapes-accuracy", data_d)
+        (RESULTS / "nano-drawn-shapes-accuracy.md").write_text(markdown(data_d))
+        print(markdown(data_d))
 
 
 def _negated(question: str) -> bool:
@@ -68,7 +97,7 @@ def markdown(d: dict) -> str:
     ref = d["rows"][0]["accuracy"]
     lines = [f"# {d['benchmark']}", "",
              f"`{d['command']}` on {d['machine']['cpu']} ({d['machine']['cores']} cores), {d['machine']['date']}.",
-             f"Same {d['questions']} easy-VQA test questions for every row (seeded order {d['question_order_seed']}); "
+             f"Same {d['questions']} questions of {d['dataset']} for every row (seeded order {d['question_order_seed']}); "
              "greedy decoding; exact match on the first word of the answer.", "",
              "| model | LLM quant (real bits/weight) | bundle MB | accuracy | Δ vs fp32 (points) | colour | shape | yes/no | same answer as fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]
