@@ -404,3 +404,12 @@ def test_bits_4_probes_the_4bit_types_and_keeps_the_closest(export_backend):
 def test_quant_flag_skips_the_probe(export_tiny):
     m = load_manifest(export_tiny("Q4_K_M"))
     assert m.llm.quant.requested == "Q4_K_M" and "probe" not in (m.llm.quant.model_extra or {})
+
+
+def test_onnxruntime_sessions_get_cuda_with_a_tight_arena_and_cpu_as_is():
+    from edge_vlm.runtime.device import CUDA_PROVIDER_OPTIONS, ort_providers
+
+    assert ort_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    got = ort_providers(("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert got == [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS), "CPUExecutionProvider"]
+    assert got[0][1] is not CUDA_PROVIDER_OPTIONS  # onnxruntime may not change the module's defaults

@@ -13,8 +13,18 @@ needs_torch = pytest.mark.skipif(not (device.ort_has_cuda() and device.torch_has
 QUESTION = "what color is the shape?"
 
 
-def tokens_on(bundle, dev, image, check=None):
-    from edge_vlm.runtime.generate import GenerationStats
+# onnxruntime's CPU MatMulNBits at accuracy_level 4 multiplies int8-quantized activations, its CUDA kernel fp16 ones:
+# the two providers' logits for one 4/8-bit graph differ by about 1e-2 of their scale (measured on an H200), enough
+# to flip a near-tie in a random-weight model's flat logits. Quantized graphs are compared by their first logits.
+QUANT_LOGITS_COSINE = 0.995
+QUANT_TOP_K = 5
+
+
+def run_on(bundle, dev, image, check=None):
+    """(greedy tokens, the first answer position's logits) of the bundle on a device."""
+    import numpy as np
+
+    from edge_vlm.runtime.generate import GenerationStats, prefill
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
     from edge_vlm.runtime.sampling import SamplingConfig
 
@@ -23,9 +33,27 @@ def tokens_on(bundle, dev, image, check=None):
             assert "CUDAExecutionProvider" in p.vision.providers and p.device.llm_on_gpu
         if check:
             check(p)
+        prefill(p.llm, p.manifest.prompt, QUESTION, p.vision.embed(image), 8, GenerationStats())
+        first = np.array(p.llm.logits(), np.float64)
         stats = GenerationStats()
         "".join(p.generate(image, QUESTION, SamplingConfig(max_tokens=8), stats))
-    return stats.tokens
+    return stats.tokens, first
+
+
+def tokens_on(bundle, dev, image, check=None):
+    return run_on(bundle, dev, image, check)[0]
+
+
+def assert_same_answer(cpu, cuda, quantized: bool):
+    import numpy as np
+
+    (cpu_tokens, a), (cuda_tokens, b) = cpu, cuda
+    if not quantized:  # fp16 GPU kernels may flip a near-tie late in the sequence; the first tokens must agree
+        assert cuda_tokens[:3] == cpu_tokens[:3]
+        return
+    cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos >= QUANT_LOGITS_COSINE, f"first-token logits cosine {cos:.4f} between CPU and CUDA"
+    assert cpu_tokens[0] in np.argsort(b)[-QUANT_TOP_K:] and cuda_tokens[0] in np.argsort(a)[-QUANT_TOP_K:]
 
 
 @needs_llama
@@ -43,8 +71,7 @@ def test_cuda_onnx_decoder_keeps_its_cache_on_the_gpu(export_backend, shape_imag
     def on_gpu(p):
         assert p.llm.device == "cuda" and all(v.device_name().lower() == "cuda" for v in p.llm.past)
 
-    cpu, cuda = tokens_on(b, "cpu", shape_image), tokens_on(b, "cuda", shape_image, on_gpu)
-    assert cuda[:3] == cpu[:3]
+    assert_same_answer(run_on(b, "cpu", shape_image), run_on(b, "cuda", shape_image, on_gpu), quantized=bits < 16)
 
 
 @needs_ort
@@ -53,7 +80,8 @@ def test_a_cpu_bundle_on_cuda_says_to_export_for_cuda(export_backend):
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
 
     with pytest.raises(DeviceUnavailable, match="export with --device cuda"):
-        Pipeline.load(export_backend("onnx", 4), RuntimeConfig(device="cuda", n_ctx=512))
+        # device="cpu": on a GPU machine the default (auto) would make a CUDA bundle
+        Pipeline.load(export_backend("onnx", 4, device="cpu"), RuntimeConfig(device="cuda", n_ctx=512))
 
 
 @needs_ort
@@ -70,13 +98,13 @@ def test_cuda_export_gives_an_fp16_graph_whose_cache_stays_on_the_gpu_in_fp16(ex
         assert p.llm.dtype == np.float16 and p.llm.capacity == 512  # allocated at n_ctx on CUDA, never regrown
         assert all(v.device_name().lower() == "cuda" and v.data_type() == "tensor(float16)" for v in p.llm.past)
 
-    cpu, cuda = tokens_on(b, "cpu", shape_image), tokens_on(b, "cuda", shape_image, fp16_on_gpu)
-    assert cuda[:3] == cpu[:3]
+    assert_same_answer(run_on(b, "cpu", shape_image), run_on(b, "cuda", shape_image, fp16_on_gpu), quantized=True)
 
 
 @needs_torch
 @pytest.mark.parametrize("backend", ["bnb", "gptq"])
 def test_cuda_torch_backends_run(export_backend, shape_image, backend):
+    pytest.importorskip({"bnb": "bitsandbytes", "gptq": "gptqmodel"}[backend])
     assert len(tokens_on(export_backend(backend, 8), "cuda", shape_image)) >= 1
 
 
@@ -98,9 +126,10 @@ def test_cuda_bundle_vision_is_an_fp16_graph_computed_on_the_gpu(tmp_path, tiny_
     from edge_vlm.manifest import load_manifest
     from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
 
-    b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cuda"), backend="gguf", bits=8, device="cuda"),
+    # the LLM backend is beside the point: onnx, so that the test needs no more than its skip condition says
+    b = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cuda"), backend="onnx", bits=8, device="cuda"),
             progress=False)
-    ref = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cpu"), backend="gguf", bits=8, device="cpu"),
+    ref = run(ExportConfig(source=str(tiny_source), out=str(tmp_path / "cpu"), backend="onnx", bits=8, device="cpu"),
               progress=False)
     m = load_manifest(b)
     assert m.vision.precision == "fp16" and m.vision.built_for == "cuda"

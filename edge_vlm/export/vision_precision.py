@@ -130,7 +130,9 @@ def cosines(path: Path, images: list, threads: int, providers=("CPUExecutionProv
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = threads, 3
-    sess = ort.InferenceSession(str(path), so, providers=list(providers))
+    from edge_vlm.runtime.device import ort_providers
+
+    sess = ort.InferenceSession(str(path), so, providers=ort_providers(providers))
     name = sess.get_inputs()[0].name
     out = {}
     for label, px, want in images:

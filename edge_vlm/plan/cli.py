@@ -11,9 +11,10 @@ from edge_vlm.plan.memory import BLOCK_BITS, GIB, MB, RunChoice
 from edge_vlm.plan.shapes import ModelShape, from_bundle, from_family_shape, from_source
 
 COLUMNS = ("vision weights", "vision activations", "llm weights", "kv cache", "compute buffers", "load transient",
-           "cpu repack", "runtime", "cuda context")
+           "cpu repack", "runtime", "cuda context", "onnxruntime cuda")
 SHORT = {"vision weights": "vision", "vision activations": "vis act", "llm weights": "LLM", "kv cache": "KV",
-         "compute buffers": "compute", "load transient": "load", "cpu repack": "repack", "runtime": "runtime", "cuda context": "CUDA"}
+         "compute buffers": "compute", "load transient": "load", "cpu repack": "repack", "runtime": "runtime", "cuda context": "CUDA",
+         "onnxruntime cuda": "ORT CUDA"}
 HF_ARCH = {"llama": "llama", "phi2": "tinygpt_v_phi"}  # planner arch -> the model_type backends declare
 
 

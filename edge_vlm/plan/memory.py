@@ -6,7 +6,8 @@
     kv cache       2 x layers x tokens x kv width x bytes; tokens include every image's tokens
     compute        activation/scratch buffers of the LLM runtime for one prefill batch
     load           what loading costs on top for a moment (files read through before they are freed)
-    cuda context   GPU devices only (assumed, not measured: this machine has no GPU)
+    cuda context   GPU devices only: the CUDA context, and onnxruntime's CUDA provider where it runs on the GPU
+                   (measured on an H200: benchmarks/results/gpu-h200.md)
 
 Constants carry their source. `edge-vlm bench` compares the total with each bundle's measured
 peak RSS on this machine and reports the error (benchmarks/results/*.json, README).
@@ -59,7 +60,13 @@ KV_BYTES_GPU = {"onnx": 2}  # the fused onnx graph for CUDA keeps activations an
 # CPU); bundles traced before it hold past and present caches during a step (2 copies, see components).
 LLAMA_UBATCH = 512  # edge-vlm's n_batch = n_ubatch
 TEXT_TOKENS = 64  # template + question, a typical prompt without the image
-CUDA_CONTEXT_MB = 300  # CUDA context + cuBLAS workspace per process (typical; not measured here)
+# Measured on an H200 (132 SMs, CUDA 13, driver 580, onnxruntime-gpu 1.31.1; benchmarks/results/gpu-h200.md). A
+# context holds per-SM buffers, so GPUs with fewer SMs (an RTX 4060 has 24, a Jetson Orin Nano 8) hold less: on
+# them these err on the safe side.
+CUDA_CONTEXT_MB = 520  # a process's primary CUDA context, with nothing else loaded
+# onnxruntime's CUDA provider for the vision and LLM sessions: cuBLAS/cuDNN handles and arena after loading
+# (160 MiB) and the workspaces its first generation allocates (166 MiB, against 15.5 predicted as compute buffers)
+ORT_CUDA_MB = 310
 # Loading holds a file's bytes twice for a moment: onnxruntime reads the protobuf (and external
 # data) before building its tensors; transformers/torch.load read a shard before converting it.
 # Fractions of the weights, calibrated against measured peaks (bench results, README).
@@ -213,7 +220,10 @@ def components(shape: ModelShape, c: RunChoice) -> list[Component]:
         out.append(Component("cpu repack", int(repack * lw), False, "llama.cpp's interleaved copy of Q4_K/Q6_K/Q4_0 "
                                                                     "weights (CPU only)"))
     if c.on_gpu:
-        out.append(Component("cuda context", CUDA_CONTEXT_MB * MB, True, "assumed (not measured here)"))
+        out.append(Component("cuda context", CUDA_CONTEXT_MB * MB, True, "measured on an H200; less on smaller GPUs"))
+        if be == "onnx" or not c.vision_on_cpu:
+            out.append(Component("onnxruntime cuda", ORT_CUDA_MB * MB, True,
+                                 "CUDA provider handles, arena and first-run workspaces (measured on an H200)"))
     return out
 
 

@@ -52,6 +52,49 @@ def ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+_CUDA_LIBS_LOADED = False
+
+
+def load_cuda_libraries(providers) -> None:
+    """Before onnxruntime's first CUDA session: load the CUDA and cuDNN libraries that
+    `pip install onnxruntime-gpu[cuda,cudnn]` put in the environment (onnxruntime does not find them
+    by itself). Not needed where torch was imported first (it has loaded its own) or where the
+    libraries are on the loader's path; onnxruntime's messages go to the log, not the terminal."""
+    global _CUDA_LIBS_LOADED
+    if _CUDA_LIBS_LOADED or "CUDAExecutionProvider" not in providers:
+        return
+    _CUDA_LIBS_LOADED = True
+    import contextlib
+    import io
+    import logging
+    import sys
+
+    import onnxruntime as ort
+
+    if "torch" in sys.modules or not hasattr(ort, "preload_dlls"):
+        return
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            ort.preload_dlls()
+    except Exception as e:  # a missing folder or library: the CUDA provider then says what failed
+        said.write(str(e))
+    if said.getvalue().strip():
+        logging.getLogger("edge_vlm").debug("onnxruntime.preload_dlls: %s", said.getvalue().strip())
+
+
+# onnxruntime's CUDA arena grows by powers of two unless told otherwise; growing by what is asked held 62 MiB less
+# after loading a tiny bundle on an H200 (benchmarks/results/gpu-h200.md). On an 8 GB card headroom is what counts.
+CUDA_PROVIDER_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+
+
+def ort_providers(names) -> list:
+    """The providers argument of an onnxruntime session: CUDA with edge-vlm's options, its libraries loaded first."""
+    names = list(names)
+    load_cuda_libraries(names)
+    return [(n, dict(CUDA_PROVIDER_OPTIONS)) if n == "CUDAExecutionProvider" else n for n in names]
+
+
 def llama_has_gpu() -> bool:
     try:
         import llama_cpp

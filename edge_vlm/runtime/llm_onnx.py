@@ -26,8 +26,10 @@ class OnnxDecoderSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        from edge_vlm.runtime.device import ort_providers
+
         try:
-            self.sess = ort.InferenceSession(str(path), so, providers=list(providers))
+            self.sess = ort.InferenceSession(str(path), so, providers=ort_providers(providers))
         except Exception as e:  # onnxruntime raises its own untyped errors for damaged files
             raise BundleError(f"onnxruntime cannot load the LLM {path} ({str(e).splitlines()[0]}): "
                               "the file is damaged or was made by another exporter; export the bundle again") from e

@@ -22,8 +22,10 @@ class VisionModel:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        from edge_vlm.runtime.device import ort_providers
+
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
+            self.session = ort.InferenceSession(str(path), so, providers=ort_providers(providers))
         except Exception as e:  # onnxruntime raises its own untyped errors for bad files
             raise BundleError(f"onnxruntime cannot load {path} ({e}): the file is damaged, export again") from e
         self.spec, self.pre = spec, pre
