@@ -42,6 +42,14 @@ class AlignConfig:
     mix: float = 0.5
     concat: int = 0  # image tokens: concatenate this many pooled tokens per LLM token (0 = the source's)
     projector: str = ""  # nano.PROJECTORS: "linear" or "mlp2x_gelu" ("" = the source's)
+    # low-rank adapters on the LLM's attention (llms/lora.py), trained with the projection; 0 = projection only.
+    # They are merged into the LLM when the source loads, so every backend exports one ordinary LLM.
+    lora_rank: int = 0
+    lora_lr: float = 5e-4
+    # easy-VQA's yes/no answers follow the question's wording (a plain "is there a blue shape?" is "no" 88 % of
+    # the time, a negated one "yes"): a model can score 82 % on them without looking. Drop the majority answer
+    # of each wording (negated or not, about a shape or a colour) down to the minority's count.
+    balance_yes_no: bool = False
     # a second validation set drawn by the held-out procedure (edge_vlm/drawn_shapes.py), with a seed of its
     # own, never the one README reports
     drawn_val_images: int = 100
@@ -130,12 +138,34 @@ def _training_sets(cfg: AlignConfig, src, root: Path):
     for _ in range(cfg.augmented):
         sets["easy"] += [(offset + train_row[i], q, a) for q, a, i in rows if i not in val_ids]
         offset += len(train_ids)
+    if cfg.balance_yes_no:
+        sets["easy"] = balance_yes_no(sets["easy"], np.random.default_rng([cfg.seed, 0xB41]))
     for k, (_, qa) in enumerate(generated):
         sets["generated"] += [(offset + k, q, a) for q, a in qa]
     offset += len(generated)
     for k, (_, qa) in enumerate(drawn):
         sets["drawn_val"] += [(offset + k, q, a) for q, a in qa]
     return np.concatenate(parts), sets
+
+
+def yes_no_wording(question: str) -> tuple[bool, bool]:
+    """(negated, about a colour) of a yes/no question in easy-VQA's forms."""
+    q = f" {question} "
+    return " not " in q or " no " in q, " shape" in q
+
+
+def balance_yes_no(rows: list, rng) -> list:
+    """Rows (feature row, question, answer) with each yes/no wording's answers made even; others unchanged."""
+    groups = {}
+    for i, (_, q, a) in enumerate(rows):
+        if a in ("yes", "no"):
+            groups.setdefault((yes_no_wording(q), a), []).append(i)
+    drop = set()
+    for wording in {w for w, _ in groups}:
+        yes, no = groups.get((wording, "yes"), []), groups.get((wording, "no"), [])
+        major, minor = (yes, no) if len(yes) > len(no) else (no, yes)
+        drop.update(rng.choice(major, len(major) - len(minor), replace=False).tolist())
+    return [r for i, r in enumerate(rows) if i not in drop]
 
 
 def _drawn(cfg) -> list:
@@ -242,7 +272,14 @@ def run(cfg: AlignConfig, log=print) -> dict:
     proj = nano.build_projector(projector, FEATURE_DIM * concat, src.llm.config.hidden_size)
     src.vision.proj = proj
     proj.requires_grad_(True)
-    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(proj.parameters()), "lr": cfg.lr}]
+    adapters = {}
+    if cfg.lora_rank:
+        from edge_vlm.llms import lora
+
+        adapters = lora.attach(src.llm, cfg.lora_rank)
+        groups.append({"params": lora.trainable(adapters), "lr": cfg.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     out = Path(cfg.out)
@@ -259,6 +296,9 @@ def run(cfg: AlignConfig, log=print) -> dict:
             raise BadInput(f"the checkpoint in {ckpt_dir} belongs to a run with other settings; resume with the "
                            f"same flags, or start afresh without --resume")
         proj.load_state_dict(state["proj"])
+        for name, w in adapters.items():
+            w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
+            w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, curve = int(state["step"]), [tuple(r) for r in state["curve"].tolist()]
@@ -313,6 +353,8 @@ def run(cfg: AlignConfig, log=print) -> dict:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"proj": proj.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "lora": {f"{n}.{k}": getattr(w, k).detach().clone() for n, w in adapters.items()
+                                 for k in ("lora_A", "lora_B")},
                         "step": torch.tensor(step), "curve": torch.tensor(curve), "run_key": run_key}, tmp)
             tmp.replace(ckpt)
     bar.close()
@@ -321,7 +363,19 @@ def run(cfg: AlignConfig, log=print) -> dict:
     if out.resolve() != root.resolve():
         desc = _absolute_refs(desc, root)
         desc = {**desc, "name": f"{desc.get('name', 'nano')}-aligned", "projection": "projection.safetensors"}
-    if out.resolve() != root.resolve() or (concat, projector) != (src.vision.cfg.concat, src.vision.cfg.projector):
+    if adapters:
+        from edge_vlm.llms import lora
+
+        merged = lora.state(adapters)
+        if desc["llm"].get("adapter"):  # the source's own adapter is in the weights trained on: keep it too
+            from edge_vlm.families.resources import resolve_file
+
+            merged = lora.combine(lora.read(resolve_file(root, desc["llm"]["adapter"], "llm.adapter")), merged)
+        desc = {**desc, "llm": {**desc["llm"], "adapter": "lora.safetensors"}}
+        save_file(merged, str(out / "lora.safetensors"))
+        lora.detach(src.llm, adapters)
+    if out.resolve() != root.resolve() or (concat, projector) != (src.vision.cfg.concat, src.vision.cfg.projector) \
+            or adapters:
         desc = _with_connector(desc, concat, grid, projector, sum(p.numel() for p in src.vision.parameters()))
         (out / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, str(out / "projection.safetensors"))
@@ -330,6 +384,8 @@ def run(cfg: AlignConfig, log=print) -> dict:
         w.writerow(CURVE_COLUMNS)
         w.writerows(curve)
     summary = {"config": asdict(cfg), "image_tokens": grid * grid // concat, "projector": projector,
+               "lora": {"rank": cfg.lora_rank, "params": sum(p.numel() for w in adapters.values()
+                                                             for p in (w.lora_A, w.lora_B))} if adapters else None,
                "questions": {k: len(b.rows) for k, b in batchers.items()},
                "final": dict(zip(CURVE_COLUMNS, curve[-1])),
                "seconds_this_run": round(time.time() - t0, 1)}
@@ -373,7 +429,7 @@ def _absolute_refs(desc: dict, root: Path) -> dict:
     v, llm = dict(desc.get("vision", {})), dict(desc.get("llm", {}))
     if "encoder_weights" in v:
         v["encoder_weights"] = fix(v["encoder_weights"])
-    for k in ("gguf", "hf_dir"):
+    for k in ("gguf", "hf_dir", "adapter"):
         if k in llm:
             llm[k] = fix(llm[k])
     return {**desc, "vision": v, "llm": llm}

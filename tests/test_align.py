@@ -51,7 +51,8 @@ def test_only_the_projection_changes(tiny_source, tmp_path, monkeypatch):
 
     def spy(self, params, *a, **k):
         params = list(params)
-        seen.extend(p.shape for p in params)
+        for g in params:  # tensors, or param groups
+            seen.extend(p.shape for p in (g["params"] if isinstance(g, dict) else [g]))
         real_init(self, params, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
@@ -79,3 +80,19 @@ def test_an_mlp_projector_with_more_image_tokens_trains_and_loads(tiny_source, t
     assert src.vision.proj[0].weight.shape == (64, 1280) and src.vision.proj[2].weight.shape == (64, 64)
     grid = src.vision.cfg.grid
     assert s["image_tokens"] == grid * grid == src.description["image_tokens"]
+
+
+def test_easy_vqa_yes_no_is_balanced_per_wording_so_the_wording_alone_cannot_answer():
+    from collections import Counter
+
+    from edge_vlm.align import balance_yes_no, yes_no_wording
+
+    rows = ([(0, "is there a blue shape?", "no")] * 9 + [(1, "is there a blue shape?", "yes")] * 2
+            + [(2, "is there not a red shape?", "yes")] * 7 + [(3, "is there not a red shape?", "no")] * 3
+            + [(4, "does the image contain a circle?", "yes")] * 4 + [(5, "what color is the shape?", "red")] * 5)
+    out = balance_yes_no(rows, np.random.default_rng(0))
+    c = Counter((yes_no_wording(q), a) for _, q, a in out if a in ("yes", "no"))
+    assert c[((False, True), "yes")] == c[((False, True), "no")] == 2
+    assert c[((True, True), "yes")] == c[((True, True), "no")] == 3
+    assert c[((False, False), "yes")] == 0  # a wording with one answer only keeps none of it
+    assert sum(a == "red" for _, _, a in out) == 5  # other questions untouched

@@ -173,6 +173,11 @@ def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
     llm_spec = d.llm.model_dump(exclude_none=True)
     llm, tok = load_llm(root, llm_spec)
     source_quant = gguf_weight_type(resolve_file(root, llm_spec["gguf"], "llm.gguf")) if d.llm.gguf else None
+    if d.llm.adapter is not None:
+        from edge_vlm.llms import lora
+
+        lora.merge(llm, resolve_file(root, _ref(d.llm.adapter), "llm.adapter"))
+        source_quant = None  # merged weights are off the source's quantization grid
     n_embd = llm.config.hidden_size
     stack = vision_stack_class()(cfg, n_embd)
     enc_path = resolve_file(root, _ref(v.encoder_weights), "vision.encoder_weights")

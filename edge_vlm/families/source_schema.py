@@ -155,6 +155,8 @@ class NanoLLM(Schema):
     gguf: FileRef | None = None
     hf_dir: FileRef | None = None
     tokenizer_pre: PreTokenizer = "smollm"
+    # low-rank adapters trained by `edge-vlm align --lora-rank R`, merged into the weights at load (llms/lora.py)
+    adapter: FileRef | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
