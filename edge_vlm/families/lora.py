@@ -34,8 +34,9 @@ def split_lora(state: dict) -> tuple[dict, dict, bool]:
     return pairs, rest, newer
 
 
-def merge_lora(model, pairs: dict, expected_modules: list[str], alpha: float, what: str) -> dict:
-    """Merge every pair into `model`'s Linear weights; the pairs must cover exactly `expected_modules`."""
+def merge_lora(model, pairs: dict, expected_modules: list[str], alpha: float | None, what: str) -> dict:
+    """Merge every pair into `model`'s Linear weights; the pairs must cover exactly `expected_modules`.
+    alpha None: B already holds the scale (edge-vlm's own adapters, llms/lora.py)."""
     import torch
 
     missing = [f"{m}.lora_{ab}.weight" for m in expected_modules for ab in "AB" if ab not in pairs.get(m, {})]
@@ -46,13 +47,19 @@ def merge_lora(model, pairs: dict, expected_modules: list[str], alpha: float, wh
     ranks = set()
     with torch.no_grad():
         for name in expected_modules:
-            lin = model.get_submodule(name)
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError:
+                lin = None
+            if not isinstance(lin, torch.nn.Linear):
+                raise CheckpointMismatch(what, hint=f"{name} is not a linear layer of this model: the LoRA was "
+                                         "trained for another model")
             a, b = pairs[name]["A"].float(), pairs[name]["B"].float()
             r = a.shape[0]
             if a.shape != (r, lin.in_features) or b.shape != (lin.out_features, r):
                 raise CheckpointMismatch(what, hint=f"{name}: LoRA A {tuple(a.shape)} / B {tuple(b.shape)} do not "
                                          f"fit Linear({lin.in_features} -> {lin.out_features})")
             ranks.add(r)
-            lin.weight += ((alpha / r) * (b @ a)).to(lin.weight.dtype)
+            lin.weight += ((1.0 if alpha is None else alpha / r) * (b @ a)).to(lin.weight.dtype)
     return {"modules": len(expected_modules), "r": sorted(ranks), "alpha": alpha,
-            "scaling": [alpha / r for r in sorted(ranks)]}
+            "scaling": [1.0 if alpha is None else alpha / r for r in sorted(ranks)]}

@@ -2,9 +2,10 @@
 projection as `lora.safetensors`, and merged into the weights when a source is loaded, so every backend exports
 one ordinary LLM (no runtime carries an adapter).
 
-File format: for each adapted module `M` (its path in the transformers model, e.g.
-`model.layers.0.self_attn.q_proj`), `M.lora_A` [rank, in] and `M.lora_B` [out, rank], with the scale
-(alpha / rank) already folded into B. Merging adds B @ A to M's weight.
+File format: peft's key names, as upstream checkpoints use them (families/lora.py reads both): for each adapted
+module `M` (its path in the transformers model, e.g. `model.layers.0.self_attn.q_proj`), `M.lora_A.weight`
+[rank, in] and `M.lora_B.weight` [out, rank], with the scale (alpha / rank) already folded into B. Merging adds
+B @ A to M's weight.
 """
 from __future__ import annotations
 
@@ -15,19 +16,6 @@ from edge_vlm.errors import SourceError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention, where the question meets the image tokens
 ALPHA_PER_RANK = 2.0  # alpha = 2 x rank, a common LoRA default
-
-
-def _linear(llm, name: str):
-    import torch
-
-    try:
-        m = llm.get_submodule(name)
-    except AttributeError:
-        m = None
-    if not isinstance(m, torch.nn.Linear):
-        raise SourceError(f"the LLM adapter names {name!r}, which is not a linear layer of this LLM: the adapter "
-                          "was trained for another model; retrain it with `edge-vlm align --lora-rank R`")
-    return m
 
 
 def read(path: Path) -> dict:
@@ -49,29 +37,20 @@ def combine(first: dict, second: dict) -> dict:
         if key not in out:
             out[key] = t
         else:
-            out[key] = torch.cat([out[key], t], dim=0 if key.endswith("lora_A") else 1).contiguous()
+            out[key] = torch.cat([out[key], t], dim=0 if key.endswith("lora_A.weight") else 1).contiguous()
     return out
 
 
 def merge(llm, path: Path) -> int:
     """Add each adapter's B @ A to its layer's weight; returns the number of layers changed."""
-    import torch
+    from edge_vlm.families.lora import merge_lora, split_lora
 
-    tensors = read(path)
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    with torch.no_grad():
-        for name in names:
-            a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
-            if a is None or b is None:
-                raise SourceError(f"LLM adapter {path}: {name} has {'no lora_A' if a is None else 'no lora_B'}; "
-                                  "the file is incomplete, retrain or restore it")
-            w = _linear(llm, name).weight
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
-                raise SourceError(f"LLM adapter {path}: {name} has lora_A {tuple(a.shape)} and lora_B "
-                                  f"{tuple(b.shape)}, which do not make the layer's {tuple(w.shape)}: the adapter was "
-                                  "trained for another model")
-            w += (b.double() @ a.double()).to(w.dtype)
-    return len(names)
+    pairs, rest, _ = split_lora(read(path))
+    if rest or not pairs:
+        raise SourceError(f"LLM adapter {path} holds {len(rest)} tensors that are not lora_A/lora_B weights"
+                          + (f" ({', '.join(sorted(rest)[:4])})" if rest else "")
+                          + ": it is not an edge-vlm adapter; retrain it with `edge-vlm align --lora-rank R`")
+    return merge_lora(llm, pairs, sorted(pairs), None, f"LLM adapter {path}")["modules"]
 
 
 def attach(llm, rank: int, targets=TARGETS) -> dict:
@@ -108,8 +87,8 @@ def state(wrapped: dict) -> dict:
     """The adapters in the file format (scale folded into B)."""
     out = {}
     for name, w in wrapped.items():
-        out[f"{name}.lora_A"] = w.lora_A.detach().contiguous().clone()
-        out[f"{name}.lora_B"] = (w.lora_B * w.scale).detach().contiguous().clone()
+        out[f"{name}.lora_A.weight"] = w.lora_A.detach().contiguous().clone()
+        out[f"{name}.lora_B.weight"] = (w.lora_B * w.scale).detach().contiguous().clone()
     return out
 
 
