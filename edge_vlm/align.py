@@ -50,6 +50,13 @@ class AlignConfig:
     # the time, a negated one "yes"): a model can score 82 % on them without looking. Drop the majority answer
     # of each wording (negated or not, about a shape or a colour) down to the minority's count.
     balance_yes_no: bool = False
+    # word tokens (nano.WordSlots): one image token per group of words, the head picking among them. A question
+    # whose answer is one of a group's words also trains the head directly (cross-entropy, weight WORD_LOSS),
+    # after `word_head_steps` steps of fitting the head alone on the frozen features.
+    words: tuple = ()
+    word_head_steps: int = 1500
+    # start the projector from a trained projection.safetensors (its `words.*` keys are not used)
+    init: str = ""
     # a second validation set drawn by the held-out procedure (edge_vlm/drawn_shapes.py), with a seed of its
     # own, never the one README reports
     drawn_val_images: int = 100
@@ -57,6 +64,10 @@ class AlignConfig:
     threads: int = 0
     cache_dir: str = ".cache/align"
     resume: bool = False
+
+
+WORD_LOSS = 0.5  # weight of the word head's cross-entropy beside the answer loss
+WORD_HEAD_BATCH = 128
 
 
 def _features(src, images, cache: Path, desc: str, batch: int = 32) -> np.ndarray:
@@ -193,6 +204,7 @@ class _Batcher:
         tok = src.tokenizer
         self.src = src
         self.rows = []
+        self.answers = [a for _, _, a in questions]
         for image_index, q, a in questions:
             before, after = src.prompt.render(q)
             pre = tok(before, add_special_tokens=False).input_ids
@@ -205,11 +217,11 @@ class _Batcher:
 
         embed = self.src.llm.get_input_embeddings()
         rows = [self.rows[i] for i in idx]
-        n_img = feats.shape[1] // concat
+        x = feats[[r[0] for r in rows]].astype(np.float32).reshape(len(rows), -1, FEATURE_DIM * concat)
+        img = proj(torch.from_numpy(x))  # the connector: projected tokens (+ word tokens)
+        n_img = img.shape[1]
         lens = [len(p) + n_img + len(q) + len(a) for _, p, q, a in rows]
         T = max(lens)
-        x = feats[[r[0] for r in rows]].astype(np.float32).reshape(len(rows), n_img, FEATURE_DIM * concat)
-        img = proj(torch.from_numpy(x))
         seqs, labels, mask = [], torch.full((len(rows), T), -100), torch.zeros(len(rows), T, dtype=torch.long)
         for b, (_, pre, post, ans) in enumerate(rows):
             with torch.no_grad():
@@ -224,6 +236,43 @@ class _Batcher:
             labels[b, start:start + len(ans)] = torch.tensor(ans)
             mask[b, :lens[b]] = 1
         return torch.stack(seqs), labels, mask
+
+
+def _word_targets(groups: tuple, answers: list):
+    """Per group, the index of each answer among the group's words (-100 where it is not one of them)."""
+    import torch
+
+    return [torch.tensor([g.index(a) if a in g else -100 for a in answers]) for g in groups]
+
+
+def _word_loss(words, x, targets):
+    """The word head's cross-entropy, summed over groups, on the rows whose answer is one of the group's words."""
+    import torch
+
+    total = x.new_zeros(())
+    for scores, t in zip(words.logits(x).split(words.sizes, -1), targets):
+        if (t != -100).any():
+            total = total + torch.nn.functional.cross_entropy(scores, t, ignore_index=-100)
+    return total
+
+
+def _fit_word_head(words, feats, concat, batchers, groups, steps, seed, log):
+    """The word head alone on the frozen features, before the LLM sees its tokens (so they start as words)."""
+    import torch
+
+    rows = [(r[0], a) for b in batchers for r, a in zip(b.rows, b.answers) if any(a in g for g in groups)]
+    if not rows or not steps:
+        return
+    opt = torch.optim.AdamW(words.head.parameters(), lr=1e-3, weight_decay=1e-4)
+    rng = np.random.default_rng([seed, 0x3D])
+    for _ in range(steps):
+        pick = [rows[i] for i in rng.integers(len(rows), size=WORD_HEAD_BATCH)]
+        x = torch.from_numpy(feats[[r for r, _ in pick]].astype(np.float32)).reshape(len(pick), -1, FEATURE_DIM * concat)
+        loss = _word_loss(words, x, _word_targets(groups, [a for _, a in pick]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log(f"word head fitted alone: {steps} steps of {WORD_HEAD_BATCH}, last loss {loss.item():.3f}")
 
 
 def _loss_and_acc(llm, embeds, labels, mask):
@@ -270,9 +319,19 @@ def run(cfg: AlignConfig, log=print) -> dict:
 
     projector = cfg.projector or src.vision.cfg.projector
     proj = nano.build_projector(projector, FEATURE_DIM * concat, src.llm.config.hidden_size)
+    if cfg.init:
+        _init_projector(proj, Path(cfg.init))
     src.vision.proj = proj
     proj.requires_grad_(True)
-    groups = [{"params": list(proj.parameters()), "lr": cfg.lr}]
+    word_groups = tuple(tuple(g) for g in cfg.words)
+    words = None
+    if word_groups:
+        words = nano.word_slots_class()(word_groups, src.llm.config.hidden_size)
+        words.embeddings.copy_(nano.word_embeddings(src.llm, src.tokenizer, word_groups))
+        words.head.requires_grad_(True)
+    src.vision.words = words
+    connect = src.vision.connect
+    groups = [{"params": list(proj.parameters()) + (list(words.head.parameters()) if words else []), "lr": cfg.lr}]
     adapters = {}
     if cfg.lora_rank:
         from edge_vlm.llms import lora
@@ -296,6 +355,8 @@ def run(cfg: AlignConfig, log=print) -> dict:
             raise BadInput(f"the checkpoint in {ckpt_dir} belongs to a run with other settings; resume with the "
                            f"same flags, or start afresh without --resume")
         proj.load_state_dict(state["proj"])
+        if words is not None:
+            words.load_state_dict(state["words"])
         for name, w in adapters.items():
             w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
             w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
@@ -309,31 +370,38 @@ def run(cfg: AlignConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     order_easy = _order(rng, len(tb_easy.rows), cfg.steps * n_easy)
     order_gen = _order(rng, len(tb_gen.rows), cfg.steps * n_gen)
+    if words is not None and step == 0:
+        _fit_word_head(words, feats, concat, (tb_easy, tb_gen), word_groups, cfg.word_head_steps, cfg.seed, log)
 
     def validate(name):
         vb = batchers[name]
         if not vb.rows:
             return float("nan"), float("nan")
-        proj.eval()
+        src.vision.eval()
         loss_sum, tokens, correct, answers = 0.0, 0, 0, 0
         with torch.no_grad():
             for s in range(0, len(vb.rows), 32):
-                e, l, m = vb.build(list(range(s, min(s + 32, len(vb.rows)))), feats, proj, concat)
+                e, l, m = vb.build(list(range(s, min(s + 32, len(vb.rows)))), feats, connect, concat)
                 loss, c, n, t = _loss_and_acc(src.llm, e, l, m)
                 loss_sum += loss.item() * t
                 tokens += t
                 correct += c
                 answers += n
-        proj.train()
+        src.vision.train()
         return loss_sum / tokens, correct / answers
 
     bar = tqdm(total=cfg.steps, initial=step, desc="align", unit="step")
     t0 = time.time()
     while step < cfg.steps:
-        parts = [b.build(o[step * k:(step + 1) * k].tolist(), feats, proj, concat)
-                 for b, o, k in ((tb_easy, order_easy, n_easy), (tb_gen, order_gen, n_gen)) if k]
-        e, l, m = _stack(parts)
+        picked = [(b, o[step * k:(step + 1) * k].tolist())
+                  for b, o, k in ((tb_easy, order_easy, n_easy), (tb_gen, order_gen, n_gen)) if k]
+        e, l, m = _stack([b.build(idx, feats, connect, concat) for b, idx in picked])
         loss, c, n, _ = _loss_and_acc(src.llm, e, l, m)
+        if words is not None:
+            rows = [b.rows[i][0] for b, idx in picked for i in idx]
+            x = torch.from_numpy(feats[rows].astype(np.float32)).reshape(len(rows), -1, FEATURE_DIM * concat)
+            loss = loss + WORD_LOSS * _word_loss(words, x, _word_targets(
+                word_groups, [b.answers[i] for b, idx in picked for i in idx]))
         acc = c / n
         opt.zero_grad()
         loss.backward()
@@ -352,7 +420,8 @@ def run(cfg: AlignConfig, log=print) -> dict:
         if step % cfg.save_every == 0 or step == cfg.steps:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"proj": proj.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            torch.save({"proj": proj.state_dict(), "words": words.state_dict() if words is not None else {},
+                        "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "lora": {f"{n}.{k}": getattr(w, k).detach().clone() for n, w in adapters.items()
                                  for k in ("lora_A", "lora_B")},
                         "step": torch.tensor(step), "curve": torch.tensor(curve), "run_key": run_key}, tmp)
@@ -374,16 +443,21 @@ def run(cfg: AlignConfig, log=print) -> dict:
         desc = {**desc, "llm": {**desc["llm"], "adapter": "lora.safetensors"}}
         save_file(merged, str(out / "lora.safetensors"))
         lora.detach(src.llm, adapters)
-    if out.resolve() != root.resolve() or (concat, projector) != (src.vision.cfg.concat, src.vision.cfg.projector) \
-            or adapters:
-        desc = _with_connector(desc, concat, grid, projector, sum(p.numel() for p in src.vision.parameters()))
+    if out.resolve() != root.resolve() or (concat, projector, word_groups) != (
+            src.vision.cfg.concat, src.vision.cfg.projector, src.vision.cfg.words) or adapters:
+        desc = _with_connector(desc, concat, grid, projector, word_groups,
+                               sum(p.numel() for p in src.vision.parameters()))
         (out / "edge-vlm-source.json").write_text(json.dumps(desc, indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, str(out / "projection.safetensors"))
+    weights = dict(proj.state_dict())
+    if words is not None:
+        weights.update({f"words.{k}": v for k, v in words.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / "projection.safetensors"))
     with open(out / "training_curve.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CURVE_COLUMNS)
         w.writerows(curve)
-    summary = {"config": asdict(cfg), "image_tokens": grid * grid // concat, "projector": projector,
+    summary = {"config": asdict(cfg), "image_tokens": grid * grid // concat + len(word_groups), "projector": projector,
+               "words": [list(g) for g in word_groups],
                "lora": {"rank": cfg.lora_rank, "params": sum(p.numel() for w in adapters.values()
                                                              for p in (w.lora_A, w.lora_B))} if adapters else None,
                "questions": {k: len(b.rows) for k, b in batchers.items()},
@@ -412,13 +486,30 @@ def _stack(parts):
             torch.cat([pad(m, 0) for _, _, m in parts]))
 
 
-def _with_connector(desc: dict, concat: int, grid: int, projector: str, vision_params: int) -> dict:
+def _with_connector(desc: dict, concat: int, grid: int, projector: str, words: tuple, vision_params: int) -> dict:
     """The source description with the connector trained, and the counts `plan` reads from its shape block."""
     vision = {**desc.get("vision", {}), "concat": concat, "projector": projector}
+    vision.pop("words", None)
+    if words:
+        vision["words"] = [list(g) for g in words]
     shape = dict(desc.get("shape", {}))
     if "vision" in shape:
-        shape["vision"] = {**shape["vision"], "image_tokens": grid * grid // concat, "params": vision_params}
+        shape["vision"] = {**shape["vision"], "image_tokens": grid * grid // concat + len(words),
+                           "params": vision_params}
     return {**desc, "vision": vision, **({"shape": shape} if shape else {})}
+
+
+def _init_projector(proj, path: Path):
+    from safetensors.torch import load_file
+
+    from edge_vlm.errors import BadInput
+
+    try:
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("words.")}
+        proj.load_state_dict(state)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise BadInput(f"--init {path} does not fit this projector ({type(e).__name__}: {str(e)[:300]}); give a "
+                       "projection.safetensors trained with the same --projector and --concat") from e
 
 
 def _absolute_refs(desc: dict, root: Path) -> dict:

@@ -397,11 +397,41 @@ examples:
                    help="even out easy-VQA's yes/no answers per wording: as shipped, a plain 'is there a blue "
                         "shape?' is 'no' 88 %% of the time and a negated one 'yes', which a model learns "
                         "instead of looking (default: off, as the shipped projection was trained)")
+    p.add_argument("--words", type=_word_groups, default=(), metavar="GROUPS",
+                   help="add one word token per group: a head on the image features picks among the group's "
+                        "words and the LLM gets that choice as its own embedding of them (so a question's words "
+                        "can be compared with it). Groups separated by ';', words by ',', e.g. "
+                        "'red,green,blue;circle,rectangle,triangle', or 'easy-vqa' for its 8 colours and 3 shapes "
+                        "(default: none)")
+    p.add_argument("--word-head-steps", type=_int_in(0, 10 ** 6), default=1500,
+                   help="steps fitting the word head alone on the frozen features before the LLM sees its tokens "
+                        "(batches of 128; default 1500)")
+    p.add_argument("--init", default="", metavar="FILE",
+                   help="start the projector from this projection.safetensors (same --projector and --concat), "
+                        "e.g. a recorded run's")
     p.add_argument("--eval-every", type=POSITIVE, default=50, help="steps between validations (default 50)")
     p.add_argument("--cache-dir", default=".cache/align", help="feature cache and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --cache-dir")
     p.add_argument("--threads", type=THREADS, default=0)
     return ap
+
+
+def _word_groups(text: str) -> tuple:
+    """--words: 'easy-vqa', or groups separated by ';' of words separated by ','."""
+    import argparse
+
+    if text == "easy-vqa":
+        from edge_vlm.drawn_shapes import COLOURS, SHAPES  # easy-VQA's words
+
+        return (tuple(COLOURS), SHAPES)
+    groups = tuple(tuple(w.strip() for w in g.split(",")) for g in text.split(";") if g.strip())
+    for g in groups:
+        if len(g) < 2 or len(set(g)) != len(g) or not all(g):
+            raise argparse.ArgumentTypeError(f"word group {','.join(g)!r}: give two or more different words, "
+                                             "separated by ','")
+    if not groups:
+        raise argparse.ArgumentTypeError("no word groups: e.g. 'red,green,blue;circle,rectangle,triangle'")
+    return groups
 
 
 def _writable_file(path: str, flag: str):
@@ -651,13 +681,20 @@ def cmd_eval(a):
 
 
 def cmd_align(a):
+    from pathlib import Path
+
     from edge_vlm.align import AlignConfig, run
 
     _cap_threads(a)
+    if a.init and not Path(a.init).is_file():
+        from edge_vlm.errors import BadInput
+
+        raise BadInput(f"--init {a.init}: no such file; give a projection.safetensors from an earlier run")
     s = run(AlignConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=a.out,
                         generated=a.generated, augmented=a.augmented, mix=a.mix, concat=a.concat,
                         projector=a.projector or "", lora_rank=a.lora_rank, lora_lr=a.lora_lr,
-                        balance_yes_no=a.balance_yes_no,
+                        balance_yes_no=a.balance_yes_no, words=a.words, word_head_steps=a.word_head_steps,
+                        init=a.init,
                         eval_every=a.eval_every, save_every=a.eval_every, cache_dir=a.cache_dir,
                         resume=a.resume, threads=a.threads))
     print(json.dumps(s, indent=2))

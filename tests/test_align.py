@@ -96,3 +96,73 @@ def test_easy_vqa_yes_no_is_balanced_per_wording_so_the_wording_alone_cannot_ans
     assert c[((True, True), "yes")] == c[((True, True), "no")] == 3
     assert c[((False, False), "yes")] == 0  # a wording with one answer only keeps none of it
     assert sum(a == "red" for _, _, a in out) == 5  # other questions untouched
+
+
+def test_word_tokens_train_load_and_export_like_the_torch_model(tiny_source, tmp_path, shape_image):
+    """--words: one image token per word group, made of the LLM's own embeddings of the words. The trained source
+    records the groups, loads with the same embeddings, and its exported bundle answers as torch does."""
+    import json
+
+    from edge_vlm.export.run import ExportConfig
+    from edge_vlm.export.run import run as export
+    from edge_vlm.families import load_source, nano
+    from edge_vlm.reference import ReferencePipeline
+    from edge_vlm.runtime.generate import GenerationStats
+    from edge_vlm.runtime.pipeline import Pipeline, RuntimeConfig
+    from edge_vlm.runtime.sampling import SamplingConfig
+
+    groups = (("red", "green", "blue", "yellow"), ("circle", "rectangle", "triangle"))
+    s = run(_cfg(tiny_source, tmp_path / "w", tmp_path / "cw", words=groups, word_head_steps=5, lora_rank=2),
+            log=lambda *a: None)
+    desc = json.loads((tmp_path / "w" / "edge-vlm-source.json").read_text())
+    assert desc["vision"]["words"] == [list(g) for g in groups]
+    src = load_source(str(tmp_path / "w"))
+    grid = src.vision.cfg.grid
+    assert s["image_tokens"] == grid * grid // src.vision.cfg.concat + 2 == src.description["image_tokens"]
+    want = nano.word_embeddings(src.llm, src.tokenizer, groups)  # adapters change no embedding
+    torch.testing.assert_close(src.vision.words.embeddings, want)
+    x = torch.randn(2, grid * grid // src.vision.cfg.concat, 1280 * src.vision.cfg.concat)
+    tokens = src.vision.connect(x)
+    assert tokens.shape == (2, s["image_tokens"], src.llm.config.hidden_size)
+    # each word token is a convex mix of its group's embeddings: inside their bounding box
+    first = want[:4]
+    assert bool(((tokens[:, -2] >= first.min(0).values - 1e-5) & (tokens[:, -2] <= first.max(0).values + 1e-5)).all())
+
+    bundle = export(ExportConfig(source=str(tmp_path / "w"), out=str(tmp_path / "b"), backend="gguf", bits=16),
+                    progress=False)
+
+    def answer(pipe):
+        stats = GenerationStats()
+        "".join(pipe.generate(shape_image, "what color is the shape?", SamplingConfig(max_tokens=8), stats))
+        return stats.tokens
+
+    ref = ReferencePipeline.load(str(tmp_path / "w"), n_ctx=512)
+    with Pipeline.load(bundle, RuntimeConfig(device="cpu", exact=True, n_ctx=512)) as p:
+        assert answer(p) == answer(ref)
+
+
+def test_a_projection_file_that_does_not_match_the_declared_word_groups_is_refused(tiny_source, tmp_path):
+    import json
+    import shutil
+
+    from edge_vlm.errors import CheckpointMismatch
+    from edge_vlm.families import load_source
+
+    run(_cfg(tiny_source, tmp_path / "w", tmp_path / "cw", words=(("red", "blue"),), word_head_steps=2),
+        log=lambda *a: None)
+    # the same file under a description without the groups: its words.* tensors are unexpected
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path / "w", plain)
+    desc = json.loads((plain / "edge-vlm-source.json").read_text())
+    del desc["vision"]["words"]
+    (plain / "edge-vlm-source.json").write_text(json.dumps(desc))
+    with pytest.raises(CheckpointMismatch, match="words"):
+        load_source(str(plain))
+    # groups declared, file without them: missing
+    tiny = tmp_path / "declared"
+    shutil.copytree(tiny_source, tiny)
+    d0 = json.loads((tiny_source / "edge-vlm-source.json").read_text())
+    d0["vision"]["words"] = [["red", "blue"]]
+    (tiny / "edge-vlm-source.json").write_text(json.dumps(d0))
+    with pytest.raises(CheckpointMismatch, match="word tokens"):
+        load_source(str(tiny))

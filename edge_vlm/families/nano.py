@@ -3,7 +3,9 @@
 vision   EfficientNet-Lite0 (ImageNet, frozen) -> feature map [1280, S/32, S/32]
 connector avg-pool `pool`x`pool` -> tokens in raster order -> concatenate `concat` consecutive
          tokens (MiniGPT-v2's row-major `.view`) -> the projector (trained): Linear(1280*concat -> n_embd),
-         or LLaVA-1.5's two-layer MLP with GELU (`projector: mlp2x_gelu`)
+         or LLaVA-1.5's two-layer MLP with GELU (`projector: mlp2x_gelu`); then, optionally, one "word
+         token" per group of `words` (WordSlots): a small head on the pooled map picks among the group's
+         words and the token is that choice (softmax) times the LLM's own embeddings of them
 LLM      any HF causal LM transformers or edge_vlm.llms can load (built-in: SmolLM2-135M-Instruct,
          frozen); the gguf backend needs the llama architecture, onnx and bnb take any
 """
@@ -30,6 +32,7 @@ class NanoVisionConfig:
     pool: int = 2
     concat: int = 4
     projector: str = "linear"  # a key of PROJECTORS
+    words: tuple = ()  # word-token groups (tuples of words), one image token each after the projected ones
 
     @property
     def grid(self) -> int:
@@ -37,7 +40,7 @@ class NanoVisionConfig:
 
     @property
     def n_image_tokens(self) -> int:
-        return self.grid * self.grid // self.concat
+        return self.grid * self.grid // self.concat + len(self.words)
 
     def check(self):
         if self.image_size % (STRIDE * self.pool):
@@ -67,6 +70,48 @@ def build_projector(kind: str, n_in: int, n_out: int):
 
 
 PROJECTORS = ("linear", "mlp2x_gelu")
+WORD_HEAD_HIDDEN = 512
+
+
+def word_slots_class():
+    import torch
+    from torch import nn
+
+    class WordSlots(nn.Module):
+        """One image token per word group. A head reads the pooled feature map (mean and max over positions:
+        where a shape is does not matter) and scores each group's words; the token is the softmax of those
+        scores times the LLM's input embeddings of the words (`embeddings`, fixed when trained and stored with
+        the projection). So the LLM meets the image's colour and shape as its own words, which a question's
+        words can be compared with; the projected tokens still carry the rest."""
+
+        def __init__(self, groups: tuple, n_embd: int):
+            super().__init__()
+            self.sizes = [len(g) for g in groups]
+            self.head = nn.Sequential(nn.Linear(2 * FEATURE_DIM, WORD_HEAD_HIDDEN), nn.GELU(),
+                                      nn.Linear(WORD_HEAD_HIDDEN, sum(self.sizes)))
+            self.register_buffer("embeddings", torch.zeros(sum(self.sizes), n_embd))
+
+        def logits(self, feats: "torch.Tensor") -> "torch.Tensor":
+            """feats [B, n, FEATURE_DIM*concat] (the projector's input) -> [B, sum of group sizes]."""
+            t = feats.reshape(feats.shape[0], -1, FEATURE_DIM)
+            return self.head(torch.cat([t.mean(1), t.amax(1)], -1))
+
+        def forward(self, feats: "torch.Tensor") -> "torch.Tensor":
+            scores = self.logits(feats).split(self.sizes, -1)
+            embs = self.embeddings.split(self.sizes, 0)
+            return torch.stack([torch.softmax(s, -1) @ e for s, e in zip(scores, embs)], 1)
+
+    return WordSlots
+
+
+def word_embeddings(llm, tok, groups: tuple) -> "torch.Tensor":
+    """The LLM's input embedding of each word as it follows a space (the mean where it takes several tokens)."""
+    import torch
+
+    table = llm.get_input_embeddings().weight
+    with torch.no_grad():
+        return torch.stack([table[tok(" " + w, add_special_tokens=False).input_ids].mean(0)
+                            for g in groups for w in g]).clone()
 
 
 def vision_stack_class():
@@ -81,6 +126,12 @@ def vision_stack_class():
             self.cfg = cfg
             self.encoder = build_encoder(cfg)
             self.proj = build_projector(cfg.projector, FEATURE_DIM * cfg.concat, n_embd)
+            self.words = word_slots_class()(cfg.words, n_embd) if cfg.words else None
+
+        def connect(self, feats: "torch.Tensor") -> "torch.Tensor":
+            """The trained connector: features -> image embeddings (projected tokens, then word tokens)."""
+            x = self.proj(feats)
+            return torch.cat([x, self.words(feats)], 1) if self.words is not None else x
 
         def features(self, pixels: "torch.Tensor") -> "torch.Tensor":
             """Frozen part: [B, n_image_tokens, 1280*concat] (what `align` precomputes)."""
@@ -92,7 +143,7 @@ def vision_stack_class():
             return tokens.reshape(b, -1, FEATURE_DIM * self.cfg.concat)
 
         def forward(self, pixels):
-            return self.proj(self.features(pixels))
+            return self.connect(self.features(pixels))
 
     return NanoVisionStack
 
@@ -161,7 +212,8 @@ def vision_config(v) -> NanoVisionConfig:
     """source_schema.NanoVision -> the config the encoder is built from (checked before any weights load)."""
     overrides = v.encoder_overrides.model_dump(exclude_none=True)
     cfg = NanoVisionConfig(encoder=v.encoder, encoder_overrides=tuple(sorted(overrides.items())),
-                           image_size=v.image_size, pool=v.pool, concat=v.concat, projector=v.projector)
+                           image_size=v.image_size, pool=v.pool, concat=v.concat, projector=v.projector,
+                           words=tuple(tuple(g) for g in v.words))
     cfg.check()
     return cfg
 
@@ -192,7 +244,11 @@ def _load(root: Path, desc: dict, with_projection: bool) -> SourceModel:
             weights = load_file(str(p))
         except Exception as e:  # safetensors raises its own untyped errors for damaged files
             raise SourceError(f"projection {p} is not a readable safetensors file ({e}); retrain or restore it") from e
-        _load_strict(stack.proj, weights, f"projection {p}")
+        words = {k[len("words."):]: t for k, t in weights.items() if k.startswith("words.")}
+        # word-token weights in a file whose source declares no `vision.words` are reported as unexpected
+        _load_strict(stack.proj, weights, f"projection {p}", ("words.",) if stack.words is not None else ())
+        if stack.words is not None:
+            _load_strict(stack.words, words, f"projection {p} (word tokens, keys words.*)")
     stack.eval().requires_grad_(False)
     pre = Preprocess(image_size=cfg.image_size, mean=list(v.mean), std=list(v.std), resize=v.resize)
     prompt = PromptSpec(**d.prompt.model_dump())

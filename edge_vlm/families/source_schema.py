@@ -77,6 +77,16 @@ Template = Annotated[str, Field(min_length=1, max_length=16384), AfterValidator(
 # llama.cpp pre-tokenizer names: default, smollm, llama-bpe, gpt-2, ...
 PreTokenizer = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Word = Annotated[str, Field(pattern=r"^[^\s](.{0,38}[^\s])?$")]  # no edge spaces: nano embeds " " + word
+
+
+def _distinct(group: list) -> list:
+    if len(set(group)) != len(group):
+        raise ValueError(f"a word group names a word twice: {group}")
+    return group
+
+
+WordGroup = Annotated[list[Word], Field(min_length=2, max_length=256), AfterValidator(_distinct)]
 
 
 def Int(lo: int, hi: int):  # noqa: N802 (a type, spelled like one)
@@ -139,6 +149,8 @@ class NanoVision(Schema):
     pool: Int(1, 16) = 2
     concat: Int(1, 64) = 4
     projector: Literal["linear", "mlp2x_gelu"] = "linear"  # nano.PROJECTORS
+    # word tokens (nano.WordSlots): one image token per group, a choice among the group's words
+    words: Annotated[list[WordGroup], Field(max_length=16)] = []
 
     @model_validator(mode="after")
     def _grid(self):  # the same arithmetic as nano.NanoVisionConfig.check, before any weights are read
