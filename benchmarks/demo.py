@@ -1,5 +1,6 @@
-"""`make demo`: the built-in model answers questions about real easy-VQA test images from a 4-bit
-bundle (streamed), then bundle and fp32 torch reference are scored on the same questions."""
+"""`make demo`: the built-in model answers questions about real easy-VQA test images and about shapes drawn by
+another procedure (edge_vlm/drawn_shapes.py) from a 4-bit bundle (streamed), then bundle and fp32 torch reference
+are scored on the same easy-VQA questions."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,13 @@ def main():
              "colour": lambda q: q.text.startswith("what") and q.answer not in ("circle", "rectangle", "triangle"),
              "yes/no": lambda q: q.answer in ("yes", "no")}
     qs = [q for test in kinds.values() for q in [q for q in pool if test(q)][:2]]
+    import tempfile
+
+    from edge_vlm.drawn_shapes import DrawnConfig, write
+
+    # and two images easy-VQA's renderer did not draw (a seed no training or validation used), 3 questions each
+    drawn = write(Path(tempfile.mkdtemp(prefix="edge-vlm-demo-")), DrawnConfig(images=2, seed=31337))
+    qs += load_questions(str(drawn), "", None)
     with Pipeline.load(a.bundle, RuntimeConfig(device="auto")) as p:
         for note in p.device.notes:
             print(note)

@@ -10,15 +10,19 @@ from edge_vlm.families import BUILTIN, SOURCE_FILE
 def test_committed_projection_matches_the_model():
     from safetensors.numpy import load_file
 
-    from edge_vlm.families.nano import FEATURE_DIM, build_projector
+    from edge_vlm.families.nano import FEATURE_DIM, build_projector, word_slots_class
 
     root = BUILTIN["nano"]
     desc = json.loads((root / SOURCE_FILE).read_text())
     w = load_file(str(root / desc["projection"]))
     v = desc["vision"]
     want = build_projector(v.get("projector", "linear"), FEATURE_DIM * v["concat"], 576).state_dict()
+    if v.get("words"):
+        want.update({f"words.{k}": t for k, t in word_slots_class()(v["words"], 576).state_dict().items()})
     assert {k: tuple(t.shape) for k, t in w.items()} == {k: tuple(t.shape) for k, t in want.items()}
     assert (root / "TRAINING.md").is_file() and (root / "training_curve.csv").is_file()
+    if desc["llm"].get("adapter"):
+        assert (root / desc["llm"]["adapter"]).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,19 @@ def test_default_pipeline_answers_known_questions(default_bundle):
         answers = ["".join(p.generate(q.image, q.text, SamplingConfig(max_tokens=6))) for q in qs]
     correct = sum(normalize_answer(a) == q.answer for a, q in zip(answers, qs))
     assert correct >= 6, list(zip([q.text for q in qs], answers))
+
+
+def test_default_bundle_answers_shapes_drawn_another_way(default_bundle, tmp_path):
+    """Issue 15: the built-in model looks at the image. Shapes drawn by edge_vlm/drawn_shapes.py (not easy-VQA's
+    renderer, a seed no training or validation used), with yes/no answers independent of the wording."""
+    from edge_vlm.drawn_shapes import DrawnConfig, write
+    from edge_vlm.eval import EvalConfig, evaluate
+
+    data = write(tmp_path / "drawn", DrawnConfig(images=12, seed=424242))
+    r = evaluate(EvalConfig(target=str(default_bundle), dataset=str(data), split="", limit=None), progress=False)
+    assert r["n"] == 36 and r["accuracy"] >= 0.8, r["by_kind"]
+    yes_no = [x for x in r["records"] if x["answer"] in ("yes", "no")]
+    assert {x["answer"] for x in yes_no} == {"yes", "no"}  # both answers asked, so "always no" cannot pass
 
 
 @pytest.mark.slow
