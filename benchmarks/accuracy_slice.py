@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--drawn", type=int, default=200,
                     help="images of the held-out drawn-shapes set (3 questions each; 0 = skip it)")
+    ap.add_argument("--bits", default="16,8,4", help="the --bits bundles measured (comma-separated)")
     ap.add_argument("--extra-quants", default="Q4_1,Q4_0",
                     help="llama.cpp types measured besides --bits 16/8/4 (comma-separated; '' for none)")
     a = ap.parse_args()
@@ -48,7 +49,7 @@ def main():
     if drawn:
         ref_d = on_drawn("nano")
         drawn_rows.append({**rows[0], **_acc(ref_d)})
-    variants = [(f"bundle --bits {b}", {"bits": b}, f"nano-{b}bit") for b in (16, 8, 4)]
+    variants = [(f"bundle --bits {b}", {"bits": int(b)}, f"nano-{b}bit") for b in a.bits.split(",") if b]
     variants += [(f"bundle --quant {q}", {"quant": q}, f"nano-{q.lower()}") for q in a.extra_quants.split(",") if q]
     for label, kw, name in variants:
         out = run(ExportConfig(out=f"{a.bundles}/{name}", force=True, threads=a.threads, **kw))
@@ -58,14 +59,15 @@ def main():
         rows.append({"model": label, "quant": m.llm.quant.requested,
                      "bits_per_weight": m.llm.quant.bits_per_weight, "tensor_types": m.llm.quant.tensor_types,
                      "bundle_mb": round(sum(f.bytes for f in m.files.values()) / 1e6, 2),
-                     "files_mb": {k: round(v["bytes"] / 1e6, 2) for k, v in m.files.items()},
+                     "files_mb": {k: round(v.bytes / 1e6, 2) for k, v in m.files.items()},
                      "same_answer_text_as_reference": round(agree, 4), **_acc(r)})
         if drawn:
             r_d = on_drawn(str(out))
             agree = sum(x["output"] == y["output"] for x, y in zip(ref_d["records"], r_d["records"])) / len(r_d["records"])
             drawn_rows.append({**rows[-1], **_acc(r_d), "same_answer_text_as_reference": round(agree, 4)})
     data = {"benchmark": "nano easy-VQA accuracy", "command": f"python benchmarks/accuracy_slice.py --limit {a.limit}"
-            + f" --drawn {a.drawn}" + (f" --extra-quants {a.extra_quants}" if a.extra_quants != "Q4_1,Q4_0" else ""),
+            + f" --drawn {a.drawn}" + (f" --bits {a.bits}" if a.bits != "16,8,4" else "")
+            + (f" --extra-quants '{a.extra_quants}'" if a.extra_quants != "Q4_1,Q4_0" else ""),
             "dataset": "easy-vqa test", "questions": a.limit, "question_order_seed": 0, "machine": machine(),
             "rows": rows}
     write_json("nano-easyvqa-accuracy", data)
