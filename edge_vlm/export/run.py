@@ -59,7 +59,7 @@ def requant_note(source_quant: str | None, quant: str) -> str | None:
         return None
     return (f"note: the source LLM's weights are already {source_quant}; {quant} rounds them a second time. "
             f"--quant {source_quant} re-encodes them exactly (for the built-in model see "
-            "benchmarks/results/nano-easyvqa-accuracy.md)")
+            "benchmarks/results/nano-easyvqa-accuracy-linear-2026-11-22.md)")
 
 
 COMMON_STAGES = ("load source", "vision -> ONNX", "validate vision", "vision precision", "load LLM")
