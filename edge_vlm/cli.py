@@ -429,8 +429,11 @@ def _word_groups(text: str) -> tuple:
         if len(g) < 2 or len(set(g)) != len(g) or not all(g):
             raise argparse.ArgumentTypeError(f"word group {','.join(g)!r}: give two or more different words, "
                                              "separated by ','")
-    if not groups:
-        raise argparse.ArgumentTypeError("no word groups: e.g. 'red,green,blue;circle,rectangle,triangle'")
+        if any(len(w) > 40 for w in g):  # the source schema's limit (families/source_schema.py Word)
+            raise argparse.ArgumentTypeError(f"word group {','.join(g)!r}: words of at most 40 characters")
+    if not 1 <= len(groups) <= 16:
+        raise argparse.ArgumentTypeError(f"{len(groups)} word groups: give 1 to 16, e.g. "
+                                         "'red,green,blue;circle,rectangle,triangle'")
     return groups
 
 

@@ -60,6 +60,8 @@ def _cases(bundle: Path, source: Path, image: Path, work: Path):
     run = ["run", bundle, "--image", image, "--prompt", "what color?", "--max-tokens", "2"]
     return [
         ("run --n-ctx 1", run + ["--n-ctx", "1"], 2, "--n-ctx 1"),
+        ("align --words with a one-word group", ["align", "--words", "red;circle,square"], 2, "word group"),
+        ("align --init of a missing file", ["align", "--init", work / "none.safetensors"], 2, "--init"),
         ("run --n-ctx -5", run + ["--n-ctx", "-5"], 2, "--n-ctx"),
         ("run --n-ctx beyond the model", run + ["--n-ctx", "100000"], 2, "model's context"),
         ("run --temperature nan", run + ["--temperature", "nan"], 2, "--temperature"),
