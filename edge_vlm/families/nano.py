@@ -97,9 +97,11 @@ def word_slots_class():
             return self.head(torch.cat([t.mean(1), t.amax(1)], -1))
 
         def forward(self, feats: "torch.Tensor") -> "torch.Tensor":
-            scores = self.logits(feats).split(self.sizes, -1)
-            embs = self.embeddings.split(self.sizes, 0)
-            return torch.stack([torch.softmax(s, -1) @ e for s, e in zip(scores, embs)], 1)
+            scores, out, start = self.logits(feats), [], 0
+            for n in self.sizes:  # slices, not split(): the ONNX exporter's folding pass warns about Split
+                out.append(torch.softmax(scores[:, start:start + n], -1) @ self.embeddings[start:start + n])
+                start += n
+            return torch.stack(out, 1)
 
     return WordSlots
 
