@@ -217,8 +217,7 @@ class _Batcher:
 
         embed = self.src.llm.get_input_embeddings()
         rows = [self.rows[i] for i in idx]
-        x = feats[[r[0] for r in rows]].astype(np.float32).reshape(len(rows), -1, FEATURE_DIM * concat)
-        img = proj(torch.from_numpy(x))  # the connector: projected tokens (+ word tokens)
+        img = proj(_rows_of(feats, [r[0] for r in rows], concat))  # the connector: projected tokens (+ word tokens)
         n_img = img.shape[1]
         lens = [len(p) + n_img + len(q) + len(a) for _, p, q, a in rows]
         T = max(lens)
@@ -236,6 +235,13 @@ class _Batcher:
             labels[b, start:start + len(ans)] = torch.tensor(ans)
             mask[b, :lens[b]] = 1
         return torch.stack(seqs), labels, mask
+
+
+def _rows_of(feats, rows: list, concat: int):
+    """The cached features of these rows as the connector's input [n, tokens, FEATURE_DIM * concat]."""
+    import torch
+
+    return torch.from_numpy(feats[rows].astype(np.float32)).reshape(len(rows), -1, FEATURE_DIM * concat)
 
 
 def _word_targets(groups: tuple, answers: list):
@@ -267,8 +273,7 @@ def _fit_word_head(words, feats, concat, batchers, groups, steps, seed, log):
     rng = np.random.default_rng([seed, 0x3D])
     for _ in range(steps):
         pick = [rows[i] for i in rng.integers(len(rows), size=WORD_HEAD_BATCH)]
-        x = torch.from_numpy(feats[[r for r, _ in pick]].astype(np.float32)).reshape(len(pick), -1, FEATURE_DIM * concat)
-        loss = _word_loss(words, x, _word_targets(groups, [a for _, a in pick]))
+        loss = _word_loss(words, _rows_of(feats, [r for r, _ in pick], concat), _word_targets(groups, [a for _, a in pick]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -399,8 +404,7 @@ def run(cfg: AlignConfig, log=print) -> dict:
         loss, c, n, _ = _loss_and_acc(src.llm, e, l, m)
         if words is not None:
             rows = [b.rows[i][0] for b, idx in picked for i in idx]
-            x = torch.from_numpy(feats[rows].astype(np.float32)).reshape(len(rows), -1, FEATURE_DIM * concat)
-            loss = loss + WORD_LOSS * _word_loss(words, x, _word_targets(
+            loss = loss + WORD_LOSS * _word_loss(words, _rows_of(feats, rows, concat), _word_targets(
                 word_groups, [b.answers[i] for b, idx in picked for i in idx]))
         acc = c / n
         opt.zero_grad()
